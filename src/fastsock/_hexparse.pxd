@@ -1,0 +1,62 @@
+# Bounds-checked readers of the fields in /proc/net/{tcp,udp}[6] rows.
+#
+# Each reader takes a cursor into the row and the end of the row, and returns
+# the number of bytes consumed, or -1 when the field is malformed. The callers
+# turn -1 into a counted skip, so none of these raise.
+
+from libc.stdint cimport uint8_t, uint32_t, uint64_t
+
+
+cdef inline int hex_digit(char c) noexcept nogil:
+    if c'0' <= c <= c'9':
+        return c - c'0'
+    if c'A' <= c <= c'F':
+        return c - c'A' + 10
+    if c'a' <= c <= c'f':
+        return c - c'a' + 10
+    return -1
+
+
+cdef inline Py_ssize_t read_hex(const char* p, const char* end,
+                                Py_ssize_t max_digits,
+                                uint64_t* out) noexcept nogil:
+    """Read 1 to max_digits hex digits into out."""
+    cdef Py_ssize_t n = 0
+    cdef int d
+    cdef uint64_t value = 0
+    while p + n < end and n < max_digits:
+        d = hex_digit(p[n])
+        if d < 0:
+            break
+        value = (value << 4) | <uint64_t>d
+        n += 1
+    if n == 0:
+        return -1
+    out[0] = value
+    return n
+
+
+cdef inline Py_ssize_t read_decimal(const char* p, const char* end,
+                                    uint64_t* out) noexcept nogil:
+    """Read an unsigned decimal of at most 19 digits into out."""
+    cdef Py_ssize_t n = 0
+    cdef uint64_t value = 0
+    while p + n < end and c'0' <= p[n] <= c'9' and n < 19:
+        value = value * 10 + <uint64_t>(p[n] - c'0')
+        n += 1
+    if n == 0:
+        return -1
+    out[0] = value
+    return n
+
+
+cdef inline const char* skip_blanks(const char* p, const char* end) noexcept nogil:
+    while p < end and (p[0] == c' ' or p[0] == c'\t'):
+        p += 1
+    return p
+
+
+cdef inline const char* skip_field(const char* p, const char* end) noexcept nogil:
+    while p < end and p[0] != c' ' and p[0] != c'\t':
+        p += 1
+    return p

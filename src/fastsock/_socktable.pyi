@@ -1,0 +1,29 @@
+import numpy as np
+
+SKIP_REASONS: tuple[str, ...]
+
+class FileBuffer:
+    reads: int
+    def to_bytes(self) -> bytes: ...
+
+class ParsedTable:
+    family: np.ndarray
+    local_offsets: np.ndarray
+    local_text: np.ndarray
+    local_port: np.ndarray
+    remote_offsets: np.ndarray
+    remote_text: np.ndarray
+    remote_port: np.ndarray
+    state_code: np.ndarray
+    tx_queue: np.ndarray
+    rx_queue: np.ndarray
+    uid: np.ndarray
+    inode: np.ndarray
+    rows: int
+    reads: int
+    size: int
+    skipped: list[int]
+    bad_rows: list[tuple[int, str, str]]
+
+def read_file(path: str) -> FileBuffer: ...
+def parse_buffer(buffer: FileBuffer, socket_family: int) -> ParsedTable: ...
