@@ -1,0 +1,3 @@
+from fastsock.cli import main
+
+main()

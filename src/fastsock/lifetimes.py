@@ -1,0 +1,139 @@
+"""Turn consecutive samples into lifetimes: one record per entity, not per sample.
+
+An entity (a socket, a process) is named by a 64-bit key. The tracker keeps the
+entities seen in the latest sample with their first and last sight; one that
+is missing from a later sample was seen to close. ``drain`` returns what
+closed since the last drain plus a checkpoint of everything still open, so
+long-lived entities are stored while they live.
+
+All work is vectorised over NumPy and Arrow columns: the cost of a sample with
+no changes is one sorted search of its keys.
+"""
+
+import numpy as np
+import pyarrow as pa
+
+LIFETIME_COLUMNS = ("first_seen_us", "last_seen_us", "closed")
+
+
+class LifetimeTracker:
+    """Track entities across samples by key.
+
+    ``rows`` passed to :meth:`observe` hold the entity's attributes as first
+    seen; ``state`` (optional int8 per row) is the one attribute that may
+    change during a lifetime and is kept from the latest sample.
+    """
+
+    def __init__(self) -> None:
+        self._rows: pa.Table | None = None
+        self._keys = np.empty(0, dtype=np.int64)
+        self._first_seen = np.empty(0, dtype=np.int64)
+        self._last_seen = np.empty(0, dtype=np.int64)
+        self._state = np.empty(0, dtype=np.int8)
+        self._closed_parts: list[pa.Table] = []
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    @property
+    def open_keys(self) -> np.ndarray:
+        """Keys of the entities seen in the latest sample, sorted."""
+        return self._keys
+
+    def observe(
+        self,
+        keys: np.ndarray,
+        rows: pa.Table,
+        time_us: int,
+        state: np.ndarray | None = None,
+    ) -> int:
+        """Record one sample and return how many entities it opened.
+
+        keys must be unique within the sample.
+        """
+        keys = np.asarray(keys, dtype=np.int64)
+        if state is None:
+            state = np.zeros(len(keys), dtype=np.int8)
+        if self._rows is None:
+            self._rows = rows.slice(0, 0)
+
+        position = np.searchsorted(self._keys, keys)
+        position_in_range = np.minimum(position, max(len(self._keys) - 1, 0))
+        if len(self._keys):
+            known = self._keys[position_in_range] == keys
+        else:
+            known = np.zeros(len(keys), dtype=bool)
+
+        matched = position_in_range[known]
+        self._last_seen[matched] = time_us
+        self._state[matched] = state[known]
+
+        still_open = np.zeros(len(self._keys), dtype=bool)
+        still_open[matched] = True
+        if not still_open.all():
+            self._close(np.flatnonzero(~still_open))
+
+        new = np.flatnonzero(~known)
+        if len(new):
+            self._open(keys[new], rows.take(pa.array(new)), time_us, state[new])
+        return len(new)
+
+    def _close(self, gone: np.ndarray) -> None:
+        self._closed_parts.append(self._records(gone, closed=True))
+        keep = np.ones(len(self._keys), dtype=bool)
+        keep[gone] = False
+        self._select(np.flatnonzero(keep))
+
+    def _open(self, keys, rows, time_us, state) -> None:
+        self._rows = pa.concat_tables([self._rows, rows.cast(self._rows.schema)])
+        self._keys = np.concatenate([self._keys, keys])
+        self._first_seen = np.concatenate(
+            [self._first_seen, np.full(len(keys), time_us, dtype=np.int64)]
+        )
+        self._last_seen = np.concatenate(
+            [self._last_seen, np.full(len(keys), time_us, dtype=np.int64)]
+        )
+        self._state = np.concatenate([self._state, state.astype(np.int8)])
+        self._select(np.argsort(self._keys, kind="stable"))
+
+    def _select(self, indices: np.ndarray) -> None:
+        self._rows = self._rows.take(pa.array(indices, pa.int64()))
+        self._keys = self._keys[indices]
+        self._first_seen = self._first_seen[indices]
+        self._last_seen = self._last_seen[indices]
+        self._state = self._state[indices]
+
+    def _records(self, indices: np.ndarray, closed: bool) -> pa.Table:
+        table = self._rows.take(pa.array(indices, pa.int64()))
+        return (
+            table.append_column("key", pa.array(self._keys[indices]))
+            .append_column("state_code_last", pa.array(self._state[indices]))
+            .append_column("first_seen_us", pa.array(self._first_seen[indices]))
+            .append_column("last_seen_us", pa.array(self._last_seen[indices]))
+            .append_column(
+                "closed", pa.array(np.full(len(indices), closed, dtype=bool))
+            )
+        )
+
+    def drain(self) -> pa.Table | None:
+        """Return the closed records and a checkpoint of the open ones.
+
+        Closed records are handed out once; open ones appear again at every
+        drain with their latest last sight. Returns None before any sample.
+        """
+        if self._rows is None:
+            return None
+        parts = self._closed_parts
+        parts.append(self._records(np.arange(len(self._keys)), closed=False))
+        self._closed_parts = []
+        return pa.concat_tables(parts)
+
+    def restore(self, records: pa.Table) -> None:
+        """Put back closed records that a failed flush could not store."""
+        closed = records.filter(records.column("closed"))
+        if closed.num_rows:
+            self._closed_parts.insert(0, closed)
+
+    def close_all(self) -> None:
+        """Forget open entities without marking them closed (collection stops)."""
+        self._select(np.empty(0, dtype=np.int64))

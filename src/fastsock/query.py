@@ -1,0 +1,219 @@
+"""SQL over the Parquet files of a data directory, through in-memory DuckDB views.
+
+For each table of TABLES that has files, two views are created:
+
+- ``<table>_records``: every stored record, with the hive partition columns
+  ``date`` (DATE) and ``hour`` (INTEGER) taken from the directory names.
+- ``<table>``: one row per key column, the record with the latest last_seen.
+"""
+
+import logging
+import os
+import shlex
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.dataset as ds
+
+from fastsock.errors import NoDataError, QueryError
+from fastsock.schema import TABLES
+
+logger = logging.getLogger(__name__)
+
+PARTITION_SCHEMA = pa.schema([("date", pa.date32()), ("hour", pa.int32())])
+PARTITION_TYPES_SQL = "{'date': DATE, 'hour': INTEGER}"
+
+# Characters that DuckDB's glob treats specially. A data directory whose path
+# contains one cannot be put in a read_parquet glob as it is.
+GLOB_CHARACTERS = frozenset("*?[]{}\\")
+
+# Settings that make a connection safe for SQL from an untrusted client. The order
+# matters, because temp_directory cannot change once external access is off.
+SANDBOX_SETTINGS = (
+    # DuckDB 2.0.1 keeps file access open under its temporary directory (./.tmp by
+    # default) even with external access off. With no temporary directory, SQL
+    # cannot reach any file, and a query too large for memory fails instead of
+    # spilling to disk.
+    "SET temp_directory = ''",
+    # Replacement scans would let SQL read Python variables by name.
+    "SET python_enable_replacements = false",
+    "SET autoinstall_known_extensions = false",
+    "SET autoload_known_extensions = false",
+    "SET allow_community_extensions = false",
+    "SET enable_external_access = false",
+    "SET lock_configuration = true",
+)
+
+
+def open_database(
+    data_dir: "str | os.PathLike[str]", *, sandboxed: bool = False
+) -> duckdb.DuckDBPyConnection:
+    """Open an in-memory DuckDB with views over the tables that have files.
+
+    A table with no Parquet files gets no view. With ``sandboxed=True`` the
+    connection cannot read or write any file, ATTACH, INSTALL or LOAD, or change
+    a setting. Its views read the files through Arrow datasets, and those see
+    only the files that existed when this function ran. Open a new connection
+    for each client request, because a client's SQL can drop or replace views.
+    """
+    root = Path(data_dir).absolute()
+    connection = duckdb.connect(":memory:")
+
+    try:
+        _create_views(connection, root, sandboxed)
+        if sandboxed:
+            _lock_down(connection)
+    except BaseException:
+        connection.close()
+        raise
+
+    return connection
+
+
+def run_query(
+    data_dir: "str | os.PathLike[str]", sql: str, *, sandboxed: bool = False
+) -> pa.Table:
+    """Run ``sql`` over the views of ``data_dir`` and return the result.
+
+    Raises NoDataError when no table has files, and QueryError, chained to
+    DuckDB's exception, when DuckDB rejects the query or fails to run it.
+    """
+    root = Path(data_dir)
+    if not tables_with_files(root):
+        command = f"fastsock collect --data-dir {shlex.quote(str(root))}"
+        raise NoDataError(f"nothing collected in {root} yet; run `{command}`")
+
+    if not sql.strip():
+        raise QueryError("the query is empty; pass a SQL statement such as SELECT")
+
+    connection = open_database(root, sandboxed=sandboxed)
+    try:
+        return _fetch_arrow(connection, sql)
+    finally:
+        connection.close()
+
+
+def tables_with_files(data_dir: "str | os.PathLike[str]") -> list[str]:
+    """Return the names of the tables in TABLES that have Parquet files."""
+    root = Path(data_dir)
+    return [name for name in TABLES if _parquet_files(root / name, limit=1)]
+
+
+def _fetch_arrow(connection: duckdb.DuckDBPyConnection, sql: str) -> pa.Table:
+    # DuckDB raises some errors when the query is planned and others only when
+    # the rows are fetched, so both steps are inside the try.
+    try:
+        relation = connection.sql(sql)
+        if relation is None:
+            return pa.table({})
+        return relation.to_arrow_table()
+    except duckdb.Error as exc:
+        raise QueryError(f"query failed: {exc}\nquery: {sql}") from exc
+
+
+def _create_views(
+    connection: duckdb.DuckDBPyConnection, root: Path, sandboxed: bool
+) -> None:
+    use_datasets = sandboxed or _has_glob_characters(root)
+    if use_datasets and not sandboxed:
+        logger.warning(
+            "data directory %s contains a glob character (one of %s), so the views "
+            "see only the files that exist now",
+            root,
+            "".join(sorted(GLOB_CHARACTERS)),
+        )
+
+    for table_name in tables_with_files(root):
+        table_dir = root / table_name
+        if use_datasets:
+            source = _register_dataset(connection, table_name, table_dir)
+        else:
+            source = _read_parquet_sql(table_dir)
+
+        _create_table_views(connection, table_name, source)
+
+
+def _create_table_views(
+    connection: duckdb.DuckDBPyConnection, table_name: str, source: str
+) -> None:
+    _schema, key = TABLES[table_name]
+    records = quote_identifier(f"{table_name}_records")
+
+    connection.execute(f"CREATE VIEW {records} AS SELECT * FROM {source}")
+    # NOTE: when two records of one key have the same last_seen, which of them the
+    # view keeps is not defined.
+    connection.execute(
+        f"CREATE VIEW {quote_identifier(table_name)} AS SELECT * FROM {records} "
+        f"QUALIFY row_number() OVER "
+        f"(PARTITION BY {quote_identifier(key)} ORDER BY last_seen DESC) = 1"
+    )
+
+
+def _read_parquet_sql(table_dir: Path) -> str:
+    # DuckDB expands the glob at every query, so files written after the
+    # connection opened are read too.
+    pattern = quote_string(f"{table_dir}/**/*.parquet")
+    return (
+        f"read_parquet({pattern}, hive_partitioning = true, "
+        f"hive_types = {PARTITION_TYPES_SQL}, union_by_name = true)"
+    )
+
+
+def _register_dataset(
+    connection: duckdb.DuckDBPyConnection, table_name: str, table_dir: Path
+) -> str:
+    """Register the table's files as an Arrow dataset and return its SQL name.
+
+    With enable_external_access off, DuckDB 2.0.1 rejects read_parquet on every
+    path, including inside views created before the setting changed. Listing the
+    data directory in allowed_directories would also let SQL COPY files into it.
+    An Arrow dataset is read by pyarrow, outside DuckDB's file system checks, so
+    the views work while SQL still cannot name any file.
+    """
+    schema, _key = TABLES[table_name]
+    files = [str(path) for path in _parquet_files(table_dir)]
+
+    # The full table schema plays the part of union_by_name: a file without a
+    # column reads it as null. NOTE: a column that is in a file but not in the
+    # schema is dropped here, while read_parquet would keep it.
+    dataset = ds.dataset(
+        files,
+        schema=pa.unify_schemas([schema, PARTITION_SCHEMA]),
+        format="parquet",
+        partitioning=ds.partitioning(PARTITION_SCHEMA, flavor="hive"),
+        partition_base_dir=str(table_dir),
+    )
+
+    name = f"{table_name}_files"
+    connection.register(name, dataset)
+    return quote_identifier(name)
+
+
+def _lock_down(connection: duckdb.DuckDBPyConnection) -> None:
+    for statement in SANDBOX_SETTINGS:
+        connection.execute(statement)
+
+
+def _parquet_files(table_dir: Path, limit: "int | None" = None) -> list[Path]:
+    files = []
+    for path in table_dir.glob("**/*.parquet"):
+        if path.is_file():
+            files.append(path)
+        if limit is not None and len(files) >= limit:
+            break
+    return sorted(files)
+
+
+def _has_glob_characters(path: Path) -> bool:
+    return any(character in GLOB_CHARACTERS for character in str(path))
+
+
+def quote_string(text: str) -> str:
+    """Return ``text`` as a SQL string literal, with single quotes doubled."""
+    return "'" + text.replace("'", "''") + "'"
+
+
+def quote_identifier(name: str) -> str:
+    """Return ``name`` as a quoted SQL identifier, with double quotes doubled."""
+    return '"' + name.replace('"', '""') + '"'

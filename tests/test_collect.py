@@ -1,0 +1,240 @@
+"""`fastsock collect` and `fastsock query` end to end, on real loopback sockets."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from harness import query_json, run_fastsock
+
+
+def collect(data_dir, seconds=1.5, *extra):
+    return run_fastsock(
+        "collect", "--quiet", "--interval", "0.1", "--duration", str(seconds),
+        "--data-dir", str(data_dir), *extra,
+    )
+
+
+def connections_of(rows, pid):
+    return [row for row in rows if row["pid"] == pid]
+
+
+def test_tcp_over_ipv4_and_ipv6(peers, tmp_path):
+    server4 = peers("server", "--bind", "127.0.0.1", "--name", "fs-srv4")
+    client4 = peers("client", "--connect", "127.0.0.1", str(server4.info["port"]),
+                    "--name", "fs-cli4")
+    server6 = peers("server", "--bind", "::1", "--name", "fs-srv6")
+    client6 = peers("client", "--connect", "::1", str(server6.info["port"]),
+                    "--name", "fs-cli6")
+
+    collect(tmp_path)
+    rows = query_json(tmp_path, "SELECT * FROM connections WHERE protocol = 'tcp'")
+
+    (out4,) = connections_of(rows, client4.pid)
+    assert out4["comm"] == "fs-cli4"
+    assert out4["local_addr"] == "127.0.0.1"
+    assert out4["local_port"] == client4.info["ports"][0]
+    assert out4["remote_addr"] == "127.0.0.1"
+    assert out4["remote_port"] == server4.info["port"]
+    assert out4["family"] == "inet"
+    assert out4["state"] == "ESTABLISHED"
+
+    (in4,) = connections_of(rows, server4.pid)
+    assert in4["comm"] == "fs-srv4"
+    assert in4["local_port"] == server4.info["port"]
+    assert in4["remote_port"] == client4.info["ports"][0]
+
+    (out6,) = connections_of(rows, client6.pid)
+    assert out6["comm"] == "fs-cli6"
+    assert out6["local_addr"] == "::1"
+    assert out6["remote_addr"] == "::1"
+    assert out6["remote_port"] == server6.info["port"]
+    assert out6["family"] == "inet6"
+
+
+def test_dual_stack_listener_with_ipv4_client(peers, tmp_path):
+    server = peers("server", "--bind", "::", "--dual-stack", "--name", "fs-dual")
+    client = peers("client", "--connect", "127.0.0.1", str(server.info["port"]),
+                   "--name", "fs-cli-dual")
+
+    collect(tmp_path)
+    rows = query_json(tmp_path, "SELECT * FROM connections")
+    listeners = query_json(tmp_path, "SELECT * FROM listeners")
+
+    (accepted,) = connections_of(rows, server.pid)
+    assert accepted["local_addr"] == "127.0.0.1"
+    assert accepted["remote_addr"] == "127.0.0.1"
+    assert accepted["remote_port"] == client.info["ports"][0]
+    assert accepted["family"] == "inet"
+    assert accepted["socket_family"] == "inet6"
+
+    (listener,) = [row for row in listeners if row["pid"] == server.pid]
+    assert listener["local_addr"] == "::"
+    assert listener["local_port"] == server.info["port"]
+    assert listener["state"] == "LISTEN"
+
+
+def test_connected_udp(peers, tmp_path):
+    server = peers("server", "--proto", "udp", "--bind", "127.0.0.1", "--name", "fs-udp-srv")
+    client = peers("client", "--proto", "udp", "--connect", "127.0.0.1",
+                   str(server.info["port"]), "--name", "fs-udp-cli")
+
+    collect(tmp_path)
+    rows = query_json(tmp_path, "SELECT * FROM connections WHERE protocol = 'udp'")
+    listeners = query_json(tmp_path, "SELECT * FROM listeners WHERE protocol = 'udp'")
+
+    (connected,) = connections_of(rows, client.pid)
+    assert connected["comm"] == "fs-udp-cli"
+    assert connected["remote_port"] == server.info["port"]
+    assert connected["state"] == "ESTABLISHED"
+    (unconnected,) = [row for row in listeners if row["pid"] == server.pid]
+    assert unconnected["state"] == "UNCONN"
+    assert unconnected["local_port"] == server.info["port"]
+
+
+def test_closed_connection_has_lifetime(peers, tmp_path):
+    server = peers("server", "--bind", "127.0.0.1", "--name", "fs-srv")
+    collector = subprocess.Popen(
+        [sys.executable, "-m", "fastsock", "collect", "--quiet", "--interval", "0.05",
+         "--duration", "4", "--data-dir", str(tmp_path)],
+        stderr=subprocess.PIPE, text=True,
+    )
+    time.sleep(1.0)
+    client = peers("client", "--connect", "127.0.0.1", str(server.info["port"]),
+                   "--name", "fs-short")
+    time.sleep(0.8)
+    client.stop()
+    _, stderr = collector.communicate(timeout=30)
+    assert collector.returncode == 0, stderr
+
+    (row,) = query_json(
+        tmp_path,
+        f"SELECT *, epoch_ms(last_seen) - epoch_ms(first_seen) AS lived_ms "
+        f"FROM connections WHERE pid = {client.pid}",
+    )
+    assert row["closed"] is True
+    assert 300 <= row["lived_ms"] <= 1600
+
+
+def test_comm_with_spaces_and_parentheses(peers, tmp_path):
+    server = peers("server", "--bind", "127.0.0.1", "--name", "a) (b c")
+
+    collect(tmp_path, 0.5)
+    rows = query_json(tmp_path, f"SELECT comm FROM listeners WHERE pid = {server.pid}")
+
+    assert rows == [{"comm": "a) (b c"}]
+
+
+def test_once_writes_partitioned_files(peers, tmp_path):
+    peers("server", "--bind", "127.0.0.1", "--name", "fs-once")
+
+    run_fastsock("collect", "--once", "--data-dir", str(tmp_path))
+
+    files = sorted(tmp_path.glob("listeners/date=*/hour=*/*.parquet"))
+    assert files
+    assert pq.read_table(files[0]).num_rows > 0
+
+
+def test_kill_9_leaves_readable_files(peers, tmp_path):
+    server = peers("server", "--bind", "127.0.0.1", "--name", "fs-kill")
+    peers("client", "--connect", "127.0.0.1", str(server.info["port"]), "--count", "20")
+    collector = subprocess.Popen(
+        [sys.executable, "-m", "fastsock", "collect", "--quiet", "--interval", "0.01",
+         "--flush-interval", "0.1", "--data-dir", str(tmp_path)],
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(2.0)
+    os.kill(collector.pid, signal.SIGKILL)
+    collector.wait()
+
+    files = list(tmp_path.rglob("*.parquet"))
+    assert files
+    for path in files:
+        pq.read_table(path)
+    rows = query_json(tmp_path, f"SELECT count(*) AS n FROM connections WHERE pid = {server.pid}")
+    assert rows == [{"n": 20}]
+
+
+def test_sigterm_flushes(peers, tmp_path):
+    peers("server", "--bind", "127.0.0.1", "--name", "fs-term")
+    collector = subprocess.Popen(
+        [sys.executable, "-m", "fastsock", "collect", "--quiet", "--flush-interval",
+         "3600", "--data-dir", str(tmp_path)],
+        stderr=subprocess.PIPE, text=True,
+    )
+    time.sleep(1.0)
+    collector.send_signal(signal.SIGTERM)
+    _, stderr = collector.communicate(timeout=30)
+
+    assert collector.returncode == 0, stderr
+    rows = query_json(tmp_path, "SELECT count(*) AS n FROM listeners WHERE comm = 'fs-term'")
+    assert rows == [{"n": 1}]
+
+
+def test_query_on_empty_dir_says_how_to_collect(tmp_path):
+    result = run_fastsock("query", "--data-dir", str(tmp_path), "SELECT 1", check=False)
+
+    assert result.returncode != 0
+    assert "fastsock collect" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_invalid_sql_exits_2_without_traceback(peers, tmp_path):
+    peers("server", "--bind", "127.0.0.1")
+    run_fastsock("collect", "--once", "--data-dir", str(tmp_path))
+
+    result = run_fastsock("query", "--data-dir", str(tmp_path), "SELEC * FROM x", check=False)
+
+    assert result.returncode == 2
+    assert "SELEC * FROM x" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_query_formats(peers, tmp_path):
+    peers("server", "--bind", "127.0.0.1", "--name", "fs-fmt")
+    run_fastsock("collect", "--once", "--data-dir", str(tmp_path))
+    sql = "SELECT comm, local_port FROM listeners WHERE comm = 'fs-fmt'"
+
+    table = run_fastsock("query", "--data-dir", str(tmp_path), sql).stdout
+    csv = run_fastsock("query", "--data-dir", str(tmp_path), "--format", "csv", sql).stdout
+    out = tmp_path / "result.parquet"
+    run_fastsock("query", "--data-dir", str(tmp_path), "--format", "parquet",
+                 "--output", str(out), sql)
+
+    assert "fs-fmt" in table
+    assert csv.splitlines()[0] == "comm,local_port"
+    assert pq.read_table(out).column("comm").to_pylist() == ["fs-fmt"]
+
+
+def test_proc_root_env_reads_fixture(tmp_path):
+    from caseload import proc_tree
+
+    root = proc_tree("C04", tmp_path / "proc")
+    data = tmp_path / "data"
+    run_fastsock("collect", "--once", "--data-dir", str(data),
+                 env={"FASTSOCK_PROC_ROOT": str(root)})
+
+    rows = query_json(data, "SELECT inode FROM connections ORDER BY inode")
+    assert [row["inode"] for row in rows] == [24003, 24004, 24007]
+
+
+def test_sample_api_sees_own_socket():
+    import socket
+
+    import fastsock
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        inode = os.fstat(listener.fileno()).st_ino
+        port = listener.getsockname()[1]
+        table = fastsock.sample()
+
+    rows = [row for row in table.to_pylist() if row["inode"] == inode]
+    assert len(rows) == 1
+    assert rows[0]["pid"] == os.getpid()
+    assert rows[0]["local_port"] == port
