@@ -1,6 +1,7 @@
 """SQL over the Parquet files of a data directory, through in-memory DuckDB views.
 
-For each table of TABLES that has files, two views are created:
+For each table of TABLES, two views are created (empty ones, with the table's
+columns, for a table that has no files yet):
 
 - ``<table>_records``: every stored record, with the hive partition columns
   ``date`` (DATE) and ``hour`` (INTEGER) taken from the directory names.
@@ -49,9 +50,9 @@ SANDBOX_SETTINGS = (
 def open_database(
     data_dir: "str | os.PathLike[str]", *, sandboxed: bool = False
 ) -> duckdb.DuckDBPyConnection:
-    """Open an in-memory DuckDB with views over the tables that have files.
+    """Open an in-memory DuckDB with views over the tables of the data directory.
 
-    A table with no Parquet files gets no view. With ``sandboxed=True`` the
+    A table with no Parquet files yet gets empty views with its columns. With ``sandboxed=True`` the
     connection cannot read or write any file, ATTACH, INSTALL or LOAD, or change
     a setting. Its views read the files through Arrow datasets, and those see
     only the files that existed when this function ran. Open a new connection
@@ -124,9 +125,12 @@ def _create_views(
             "".join(sorted(GLOB_CHARACTERS)),
         )
 
-    for table_name in tables_with_files(root):
+    with_files = tables_with_files(root)
+    for table_name in TABLES:
         table_dir = root / table_name
-        if use_datasets:
+        if table_name not in with_files:
+            source = _register_empty(connection, table_name)
+        elif use_datasets:
             source = _register_dataset(connection, table_name, table_dir)
         else:
             source = _read_parquet_sql(table_dir)
@@ -187,6 +191,14 @@ def _register_dataset(
 
     name = f"{table_name}_files"
     connection.register(name, dataset)
+    return quote_identifier(name)
+
+
+def _register_empty(connection: duckdb.DuckDBPyConnection, table_name: str) -> str:
+    """Register an empty Arrow table with the table's columns; return its SQL name."""
+    schema, _key = TABLES[table_name]
+    name = f"{table_name}_files"
+    connection.register(name, pa.unify_schemas([schema, PARTITION_SCHEMA]).empty_table())
     return quote_identifier(name)
 
 
