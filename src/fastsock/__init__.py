@@ -1,13 +1,14 @@
 """fastsock: record which processes talk to which, from the kernel's socket tables.
 
 ``fastsock.sample()`` returns the sockets of this machine now, with the
-processes that hold them, as a ``pyarrow.Table``.
+processes that hold them, as a ``pyarrow.Table``. ``fastsock.open_history()``
+returns a DuckDB connection with one view per stored table.
 """
 
 from fastsock.errors import FastsockError
 
 __version__ = "0.1.0"
-__all__ = ["FastsockError", "sample", "__version__"]
+__all__ = ["FastsockError", "open_history", "sample", "__version__"]
 
 
 def sample(proc_root=None):
@@ -19,3 +20,17 @@ def sample(proc_root=None):
     from fastsock.snapshot import sample as take_sample
 
     return take_sample(proc_root)
+
+
+def open_history(data_dir=None):
+    """Return an in-memory DuckDB connection with views over the stored history.
+
+    data_dir defaults to ``$FASTSOCK_DATA_DIR``, else ``/var/lib/fastsock`` as
+    root, else ``$XDG_DATA_HOME/fastsock``. The views are ``connections``,
+    ``listeners``, ``processes`` and the other tables in docs/schema.md, plus
+    ``<table>_records`` with every stored record.
+    """
+    from fastsock.query import open_database
+    from fastsock.store import default_data_dir
+
+    return open_database(data_dir if data_dir is not None else default_data_dir())
