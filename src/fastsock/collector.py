@@ -16,9 +16,9 @@ from fastsock.store import ParquetStore
 
 log = logging.getLogger(__name__)
 
-# Default seconds between snapshots. A snapshot of a quiet host costs a few
-# milliseconds of CPU (docs/performance.md), so 0.2 s keeps the collector
-# near 2% of one core while catching connections that live 0.4 s or more.
+# Default seconds between snapshots. A snapshot of a quiet host costs about
+# 6 ms of CPU (docs/performance.md), so 0.2 s keeps the collector near 3% of
+# one core while catching every connection that lives 0.2 s or more.
 DEFAULT_INTERVAL = 0.2
 
 # Default seconds between flushes to Parquet: what a crash can lose at most.
