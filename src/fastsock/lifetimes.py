@@ -1,8 +1,8 @@
 """Turn consecutive samples into lifetimes: one record per entity, not per sample.
 
 An entity (a socket, a process) is named by a 64-bit key. The tracker keeps the
-entities seen in the latest sample with their first and last sight; one that
-is missing from a later sample was seen to close. ``drain`` returns what
+entities seen in the latest sample with their first and last sight. An entity
+missing from a later sample was seen to close. ``drain`` returns what
 closed since the last drain plus a checkpoint of everything still open, so
 long-lived entities are stored while they live.
 
@@ -13,15 +13,12 @@ no changes is one sorted search of its keys.
 import numpy as np
 import pyarrow as pa
 
-LIFETIME_COLUMNS = ("first_seen_us", "last_seen_us", "closed")
-
-
 class LifetimeTracker:
     """Track entities across samples by key.
 
     ``rows`` passed to :meth:`observe` hold the entity's attributes as first
-    seen; ``state`` (optional int8 per row) is the one attribute that may
-    change during a lifetime and is kept from the latest sample.
+    seen. ``state`` (optional, int8 per row) is the one attribute that may
+    change during a lifetime, so it is kept from the latest sample.
     """
 
     def __init__(self) -> None:
@@ -78,10 +75,10 @@ class LifetimeTracker:
             self._open(keys[new], rows.take(pa.array(new)), time_us, state[new])
         return len(new)
 
-    def _close(self, gone: np.ndarray) -> None:
-        self._closed_parts.append(self._records(gone, closed=True))
+    def _close(self, closed: np.ndarray) -> None:
+        self._closed_parts.append(self._records(closed, closed=True))
         keep = np.ones(len(self._keys), dtype=bool)
-        keep[gone] = False
+        keep[closed] = False
         self._select(np.flatnonzero(keep))
 
     def _open(self, keys, rows, time_us, state) -> None:

@@ -76,7 +76,7 @@ SAMPLE_SCHEMA = pa.schema(
 
 @dataclass
 class TableReport:
-    """What one read of the socket tables parsed and skipped."""
+    """Counts from one read of the socket tables: rows, read calls, bytes, skips."""
 
     rows: int = 0
     reads: int = 0
