@@ -19,6 +19,15 @@ def collect(data_dir, seconds=1.5, *extra):
     )
 
 
+def wait_for_files(data_dir, timeout=60.0):
+    """Wait until the collector has renamed at least one Parquet file into place."""
+    deadline = time.monotonic() + timeout
+    while not list(data_dir.rglob("*.parquet")):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no Parquet file in {data_dir} after {timeout} s")
+        time.sleep(0.05)
+
+
 def connections_of(rows, pid):
     return [row for row in rows if row["pid"] == pid]
 
@@ -147,7 +156,8 @@ def test_kill_9_leaves_readable_files(peers, tmp_path):
          "--flush-interval", "0.1", "--data-dir", str(tmp_path)],
         stderr=subprocess.DEVNULL,
     )
-    time.sleep(2.0)
+    wait_for_files(tmp_path)
+    time.sleep(0.5)
     os.kill(collector.pid, signal.SIGKILL)
     collector.wait()
 
@@ -238,3 +248,65 @@ def test_sample_api_sees_own_socket():
     assert len(rows) == 1
     assert rows[0]["pid"] == os.getpid()
     assert rows[0]["local_port"] == port
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [("--interval", "inf"), ("--interval", "nan"), ("--duration", "-5"),
+     ("--flush-interval", "inf")],
+)
+def test_invalid_seconds_rejected(tmp_path, option, value):
+    result = run_fastsock("collect", option, value, "--data-dir", str(tmp_path), check=False)
+
+    assert result.returncode == 2
+    assert option in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_data_dir_that_is_a_file_rejected_at_start(tmp_path):
+    target = tmp_path / "afile"
+    target.write_text("")
+
+    result = run_fastsock("collect", "--once", "--data-dir", str(target), check=False)
+
+    assert result.returncode == 1
+    assert "is a file" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_sighup_flushes(peers, tmp_path):
+    peers("server", "--bind", "127.0.0.1", "--name", "fs-hup")
+    collector = subprocess.Popen(
+        [sys.executable, "-m", "fastsock", "collect", "--quiet", "--flush-interval",
+         "3600", "--data-dir", str(tmp_path)],
+        stderr=subprocess.PIPE, text=True,
+    )
+    time.sleep(1.0)
+    collector.send_signal(signal.SIGHUP)
+    _, stderr = collector.communicate(timeout=30)
+
+    assert collector.returncode == 0, stderr
+    rows = query_json(tmp_path, "SELECT count(*) AS n FROM listeners WHERE comm = 'fs-hup'")
+    assert rows == [{"n": 1}]
+
+
+def test_vanished_proc_root_keeps_collected_rows(tmp_path):
+    import shutil
+
+    from caseload import proc_tree
+
+    root = proc_tree("C04", tmp_path / "proc")
+    data = tmp_path / "data"
+    collector = subprocess.Popen(
+        [sys.executable, "-m", "fastsock", "collect", "--quiet", "--flush-interval",
+         "0.2", "--proc-root", str(root), "--data-dir", str(data)],
+        stderr=subprocess.PIPE, text=True,
+    )
+    wait_for_files(data)
+    shutil.rmtree(root)
+    _, stderr = collector.communicate(timeout=30)
+
+    assert collector.returncode == 1
+    assert "collection stopped" in stderr
+    rows = query_json(data, "SELECT count(*) AS n FROM connections")
+    assert rows == [{"n": 3}]

@@ -149,6 +149,15 @@ def write_tcp(root, body):
         ("garbage that is not a row\n", "bad_slot"),
         ("   1: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:0 0 -5 0 41002\n",
          "bad_uid"),
+        ("   1: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:0 0 12abc 0 41002\n",
+         "bad_uid"),
+        ("   1: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:0 0 "
+         "12345678901234567890 0 41002\n", "bad_uid"),
+        ("   1: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:0 0 0 0 "
+         "9999999999999999999\n", "bad_inode"),
+        ("   1: 0100007F:1F90 00000000:0000 0A 00000000:\n", "too_few_fields"),
+        ("   1: 0100007F:1F90 00000000:0000 0A 00000000:0000000x 00:0 0 0 0 41002\n",
+         "bad_queue"),
     ],
 )
 def test_malformed_row_skipped_and_counted(tmp_path, line, reason):
@@ -183,3 +192,54 @@ def test_missing_tables_read_as_empty(tmp_path):
 
     assert table.num_rows == 1
     assert report.skipped_total == 0
+
+
+def test_slot_wider_than_any_integer(tmp_path):
+    row = GOOD.replace("   0:", "1" * 30 + ":")
+    table, report = parse(write_tcp(tmp_path, row))
+
+    assert report.skipped_total == 0
+    assert table.column("inode").to_pylist() == [41001]
+
+
+def test_unreadable_table_raises_proc_read_error(tmp_path):
+    from fastsock.errors import ProcReadError
+
+    (tmp_path / "net").mkdir()
+    (tmp_path / "net" / "tcp").mkdir()
+
+    with pytest.raises(ProcReadError, match="net/tcp"):
+        parse(tmp_path)
+
+
+def test_early_stop_matches_full_read(peers):
+    """On the live kernel, the early-stop rule ends exactly where EOF is."""
+    from fastsock import _socktable
+
+    server = peers("server", "--bind", "127.0.0.1")
+    peers("client", "--connect", "127.0.0.1", str(server.info["port"]), "--count", "200")
+
+    for name in ("tcp", "tcp6", "udp", "udp6"):
+        full = _socktable.read_file(f"/proc/net/{name}")
+        short = _socktable.read_file(f"/proc/net/{name}", True)
+        assert full.early_stop_size in (-1, full.size)
+        if short.stopped_early:
+            assert short.reads < full.reads
+    tcp = _socktable.read_file("/proc/net/tcp")
+    assert tcp.reads > 2
+
+
+def test_early_stop_turned_off_on_mismatch(tmp_path, caplog):
+    from fastsock.sockets import EarlyStopCheck
+
+    class Buffer:
+        stopped_early = False
+        early_stop_size = 4000
+        size = 9000
+
+    check = EarlyStopCheck()
+    check.check("/proc/net/tcp", Buffer())
+
+    assert check.enabled is False
+    assert "reading every socket table to the end" in caplog.text
+    assert not any(check.may_stop_early("/proc/net/tcp") for _ in range(200))

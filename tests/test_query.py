@@ -490,3 +490,35 @@ def test_query_interval_renders_as_iso_duration(data_dir):
 
     assert render(result, "table").splitlines()[2] == "PT5400S"
     assert json.loads(render(result, "json")) == [{"timeout": "PT5400S"}]
+
+
+
+def test_closed_record_wins_tie(tmp_path):
+    store_connections(tmp_path, connection(1, "ESTABLISHED", at(10), closed=False))
+    store_connections(tmp_path, connection(1, "ESTABLISHED", at(10), closed=True))
+    store_connections(tmp_path, connection(2, "ESTABLISHED", at(10), closed=True))
+    store_connections(tmp_path, connection(2, "ESTABLISHED", at(10), closed=False))
+
+    rows = run_query(tmp_path, "select closed from connections").to_pylist()
+
+    assert rows == [{"closed": True}, {"closed": True}]
+
+
+def test_view_keeps_earliest_first_seen(tmp_path):
+    store_connections(tmp_path, connection(1, "ESTABLISHED", at(10), first_seen=at(9)))
+    store_connections(
+        tmp_path, connection(1, "ESTABLISHED", at(12), first_seen=at(11), closed=True)
+    )
+
+    result = run_query(tmp_path, "select first_seen, last_seen from connections")
+
+    assert result.column("first_seen").to_pylist() == [at(9)]
+    assert result.column("last_seen").to_pylist() == [at(12)]
+
+
+def test_junk_parquet_file_raises_query_error(data_dir):
+    junk = data_dir / "connections" / "date=2024-03-01" / "hour=10" / "junk.parquet"
+    junk.write_bytes(b"not parquet")
+
+    with pytest.raises(QueryError, match="junk.parquet|connections"):
+        run_query(data_dir, "select count(*) from connections")

@@ -60,3 +60,15 @@ cdef inline const char* skip_field(const char* p, const char* end) noexcept nogi
     while p < end and p[0] != c' ' and p[0] != c'\t':
         p += 1
     return p
+
+
+cdef inline bint at_field_end(const char* p, const char* end) noexcept nogil:
+    """Return whether p is past the end, or on a blank or carriage return."""
+    return p >= end or p[0] == c' ' or p[0] == c'\t' or p[0] == c'\r'
+
+
+cdef inline Py_ssize_t count_digits(const char* p, const char* end) noexcept nogil:
+    cdef Py_ssize_t n = 0
+    while p + n < end and c'0' <= p[n] <= c'9':
+        n += 1
+    return n

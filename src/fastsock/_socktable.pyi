@@ -3,7 +3,10 @@ import numpy as np
 SKIP_REASONS: tuple[str, ...]
 
 class FileBuffer:
+    size: int
     reads: int
+    early_stop_size: int
+    stopped_early: bool
     def to_bytes(self) -> bytes: ...
 
 class ParsedTable:
@@ -25,5 +28,5 @@ class ParsedTable:
     skipped: list[int]
     bad_rows: list[tuple[int, str, str]]
 
-def read_file(path: str) -> FileBuffer: ...
+def read_file(path: str, stop_early: bool = False) -> FileBuffer: ...
 def parse_buffer(buffer: FileBuffer, socket_family: int) -> ParsedTable: ...

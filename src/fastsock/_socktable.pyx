@@ -13,13 +13,24 @@ import numpy as np
 
 cimport numpy as cnp
 from libc.errno cimport errno
-from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdint cimport (
+    INT64_MAX,
+    UINT32_MAX,
+    int8_t,
+    int32_t,
+    int64_t,
+    uint8_t,
+    uint32_t,
+    uint64_t,
+)
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memchr, memcpy, memset
 from posix.fcntl cimport O_RDONLY, open as c_open
-from posix.unistd cimport close as c_close, read as c_read
+from posix.unistd cimport _SC_PAGESIZE, close as c_close, read as c_read, sysconf
 
 from fastsock._hexparse cimport (
+    at_field_end,
+    count_digits,
     read_decimal,
     read_hex,
     skip_blanks,
@@ -66,11 +77,14 @@ cdef enum:
 
 
 cdef class FileBuffer:
-    """The whole content of one file, read until a 0-byte read."""
+    """The content of one file, read until a 0-byte read or an early stop."""
 
     cdef char* data
-    cdef Py_ssize_t size
+    cdef public Py_ssize_t size
     cdef public Py_ssize_t reads
+    # Size at which the early-stop rule would have ended the read, or -1.
+    cdef public Py_ssize_t early_stop_size
+    cdef public bint stopped_early
 
     def __dealloc__(self):
         free(self.data)
@@ -79,10 +93,37 @@ cdef class FileBuffer:
         return self.data[:self.size]
 
 
-cdef int read_whole_file(const char* path, FileBuffer out) except -1:
+cdef Py_ssize_t longest_line(const char* data, Py_ssize_t size,
+                             Py_ssize_t longest) noexcept nogil:
+    """Return the longest newline-terminated line in data, or longest if more."""
+    cdef const char* line = data
+    cdef const char* end = data + size
+    cdef const char* newline
+    while line < end:
+        newline = <const char*>memchr(line, c'\n', end - line)
+        if newline == NULL:
+            break
+        if newline + 1 - line > longest:
+            longest = newline + 1 - line
+        line = newline + 1
+    return longest
+
+
+cdef int read_whole_file(const char* path, FileBuffer out,
+                         bint stop_early) except -1:
+    """Read path into out.
+
+    The kernel fills each read of a socket table with whole rows, up to about
+    one page. So a read that leaves more than the longest row's worth of the
+    page free was the last one with data: the early-stop rule. It is recorded
+    in out.early_stop_size on every read, and with stop_early the read ends
+    there, which saves the final 0-byte read (a walk of every hash bucket).
+    """
     cdef int fd
     cdef Py_ssize_t capacity = READ_CHUNK
     cdef Py_ssize_t got
+    cdef Py_ssize_t longest = 0
+    cdef Py_ssize_t page = sysconf(_SC_PAGESIZE)
     cdef char* grown
     cdef int saved_errno = 0
 
@@ -91,6 +132,8 @@ cdef int read_whole_file(const char* path, FileBuffer out) except -1:
         raise MemoryError()
     out.size = 0
     out.reads = 0
+    out.early_stop_size = -1
+    out.stopped_early = False
 
     with nogil:
         fd = c_open(path, O_RDONLY)
@@ -112,7 +155,13 @@ cdef int read_whole_file(const char* path, FileBuffer out) except -1:
                     break
                 if got == 0:
                     break
+                longest = longest_line(out.data + out.size, got, longest)
                 out.size += got
+                if out.early_stop_size < 0 and page - got > longest:
+                    out.early_stop_size = out.size
+                    if stop_early:
+                        out.stopped_early = True
+                        break
             c_close(fd)
 
     if saved_errno == -1:
@@ -123,11 +172,15 @@ cdef int read_whole_file(const char* path, FileBuffer out) except -1:
     return 0
 
 
-def read_file(str path):
-    """Return a FileBuffer with the whole content of path."""
+def read_file(str path, bint stop_early=False):
+    """Return a FileBuffer with the content of path.
+
+    With stop_early, the read ends at the first read that the early-stop
+    rule calls the last one with data (see read_whole_file).
+    """
     cdef FileBuffer buffer = FileBuffer.__new__(FileBuffer)
     encoded = path.encode()
-    read_whole_file(encoded, buffer)
+    read_whole_file(encoded, buffer, stop_early)
     return buffer
 
 
@@ -358,8 +411,8 @@ def parse_buffer(FileBuffer buffer, int socket_family):
         error = -1
         with nogil:
             # Field 1: 'sl:', a slot number of any width.
-            n = read_decimal(p, line_end, &value)
-            if n < 0 or p + n >= line_end or p[n] != c':':
+            n = count_digits(p, line_end)
+            if n == 0 or p + n >= line_end or p[n] != c':':
                 error = BAD_SLOT
             else:
                 p = skip_blanks(p + n + 1, line_end)
@@ -390,8 +443,13 @@ def parse_buffer(FileBuffer buffer, int socket_family):
                     else:
                         p += n + 1
                         n = read_hex(p, line_end, 16, &rx)
-                        if n < 0:
+                        if p >= line_end:
+                            error = TOO_FEW_FIELDS
+                            n = -1
+                        elif n < 0 or not at_field_end(p + n, line_end) \
+                                or tx > INT64_MAX or rx > INT64_MAX:
                             error = BAD_QUEUE
+                            n = -1
                 if n > 0:
                     # Fields 6 and 7 (timer and retransmits) are not used.
                     p = skip_blanks(p + n, line_end)
@@ -400,6 +458,10 @@ def parse_buffer(FileBuffer buffer, int socket_family):
                     n = read_decimal(p, line_end, &uid)
                     if n < 0:
                         error = BAD_UID if p < line_end else TOO_FEW_FIELDS
+                    elif not at_field_end(p + n, line_end) or uid > UINT32_MAX:
+                        # A uid is a 32-bit number followed by a blank.
+                        error = BAD_UID
+                        n = -1
                 if n > 0:
                     # Field 9 (timeout) is not used.
                     p = skip_blanks(p + n, line_end)
@@ -407,8 +469,7 @@ def parse_buffer(FileBuffer buffer, int socket_family):
                     n = read_decimal(p, line_end, &inode)
                     if n < 0:
                         error = BAD_INODE if p < line_end else TOO_FEW_FIELDS
-                    elif p + n < line_end and p[n] != c' ' and p[n] != c'\t' \
-                            and p[n] != c'\r':
+                    elif not at_field_end(p + n, line_end) or inode > INT64_MAX:
                         error = BAD_INODE
                         n = -1
                 if n > 0:

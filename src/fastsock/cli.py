@@ -1,6 +1,7 @@
 """The `fastsock` command line: a thin layer over the library modules."""
 
 import logging
+import math
 import os
 import signal
 import sys
@@ -11,7 +12,31 @@ from typing import Annotated, Optional
 
 import typer
 
+from fastsock.endpoints import DEFAULT_LISTEN
 from fastsock.errors import FastsockError, NoDataError, QueryError
+from fastsock.federation_cli import (
+    AgentOption,
+    Direction,
+    DirectionOption,
+    FederatedOption,
+    ListenOption,
+    MaxDepthOption,
+    MaxQuerySecondsOption,
+    MaxRowsOption,
+    PeersOption,
+    StrictOption,
+    TimeoutOption,
+    TlsCaOption,
+    TlsCertOption,
+    TlsKeyOption,
+    TokenFileOption,
+)
+from fastsock.limits import (
+    DEFAULT_MAX_DEPTH,
+    DEFAULT_MAX_QUERY_SECONDS,
+    DEFAULT_MAX_ROWS,
+    DEFAULT_TIMEOUT,
+)
 
 app = typer.Typer(
     help="Record which processes talk to which over TCP and UDP, and query the history.",
@@ -40,6 +65,11 @@ ProcRootOption = Annotated[
         show_default=False,
     ),
 ]
+
+
+class SocketSource(str, Enum):
+    proc = "proc"
+    netlink = "netlink"
 
 
 class OutputFormat(str, Enum):
@@ -86,7 +116,8 @@ def collect(
     interval: Annotated[
         float,
         typer.Option(
-            help="Seconds between snapshots; fractions allowed (0.05 is 20 per second).",
+            help="Seconds between snapshots; fractions allowed (0.05 is 20 per "
+            "second). Default: 0.2.",
             min=0.001,
         ),
     ] = None,
@@ -100,7 +131,8 @@ def collect(
     flush_interval: Annotated[
         float,
         typer.Option(
-            help="Seconds between writes of Parquet files; a crash loses at most this.",
+            help="Seconds between writes of Parquet files; a crash loses at most "
+            "this. Default: 10.",
             min=0.1,
         ),
     ] = None,
@@ -113,45 +145,149 @@ def collect(
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="Print no status line.")
     ] = False,
+    source: Annotated[
+        SocketSource,
+        typer.Option(
+            help="Where snapshots read the sockets: proc (/proc/net text tables) or "
+            "netlink (sock_diag dumps, which add the socket cookie and TCP byte, "
+            "RTT and retransmit counters)."
+        ),
+    ] = SocketSource.proc,
+    close_events: Annotated[
+        bool,
+        typer.Option(
+            "--close-events/--no-close-events",
+            help="Also record every socket the kernel reports closed, even one that "
+            "lived less than one interval (needs CAP_NET_ADMIN; without it fastsock "
+            "says so once and polls on).",
+        ),
+    ] = True,
+    all_netns: Annotated[
+        bool,
+        typer.Option(
+            "--all-netns",
+            help="Read the sockets of every network namespace that a process runs "
+            "in, through /proc/<pid>/net of one process per namespace; each "
+            "namespace adds one read of the socket tables to every snapshot. "
+            "Default: only the namespace fastsock runs in.",
+        ),
+    ] = False,
+    bucket: Annotated[
+        int,
+        typer.Option(
+            "--bucket",
+            help="Width of a flows bucket in seconds: dependency edges are counted "
+            "per bucket. Must divide 3600 (10, 60, 300, ...).",
+            show_default=True,
+        ),
+    ] = 60,
 ) -> None:
     """Record this machine's sockets and their processes to Parquet.
 
     Example: fastsock collect --interval 0.1 --duration 10 --data-dir ./data
     """
     from fastsock.collector import DEFAULT_FLUSH_INTERVAL, DEFAULT_INTERVAL, Collector
+    from fastsock.flows import validate_bucket_seconds
     from fastsock.snapshot import Snapshotter
     from fastsock.store import ParquetStore
 
     interval = DEFAULT_INTERVAL if interval is None else interval
     flush_interval = DEFAULT_FLUSH_INTERVAL if flush_interval is None else flush_interval
+    _check_seconds("--interval", interval)
+    _check_seconds("--flush-interval", flush_interval)
+    if duration is not None:
+        _check_seconds("--duration", duration)
+    if data_dir is not None and not str(data_dir).strip():
+        raise _fail("--data-dir is empty; pass a directory path", 2)
     directory = _data_dir(data_dir)
     try:
-        snapshotter = Snapshotter(proc_root, host=node_name)
+        validate_bucket_seconds(bucket)
+    except ValueError as error:
+        raise _fail(str(error), 2)
+    try:
+        snapshotter = Snapshotter(proc_root, host=node_name, source=source.value)
+        if all_netns:
+            snapshotter.read_all_netns()
         store = ParquetStore(directory)
+        store.check_writable()
         removed = store.remove_stale_temp_files()
     except (FastsockError, OSError) as error:
         raise _fail(str(error))
+    except ValueError as error:
+        raise _fail(str(error), 2)
     if removed:
         log.warning("removed %d temporary files left by an interrupted writer", removed)
 
-    collector = Collector(snapshotter, store)
+    closes = _close_recorder(
+        close_events and not once and _reads_own_namespace(snapshotter),
+        source,
+        snapshotter.netns,
+    )
+    collector = Collector(snapshotter, store, closes, bucket_seconds=bucket)
     stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, lambda *_: stop.set())
 
     show = None if quiet else _status_printer()
     typer.echo(f"collecting to {directory} (Ctrl-C stops and flushes)", err=True)
-    if once:
-        collector.sample()
+    try:
+        if once:
+            collector.sample()
+            collector.flush()
+            status = collector.status
+        else:
+            status = collector.run(interval, flush_interval, stop, duration, show)
+    except (FastsockError, OSError) as error:
+        # Store what was collected before the failure, then report it.
         collector.flush()
-        status = collector.status
-    else:
-        status = collector.run(interval, flush_interval, stop, duration, show)
+        collector.close()
+        raise _fail(f"collection stopped: {error}")
+    collector.close()
     if show is not None and sys.stderr.isatty():
         typer.echo("", err=True)
-    typer.echo(status.line(), err=True)
+    else:
+        typer.echo(status.line(), err=True)
     if status.failed_flushes and not collector.flush():
         raise _fail(f"could not store every record in {directory}; see the log above")
+
+
+def _check_seconds(option: str, seconds: float) -> None:
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise _fail(f"invalid {option} {seconds}: give a positive number of seconds", 2)
+
+
+def _reads_own_namespace(snapshotter) -> bool:
+    """Return whether the snapshots read this process's own network namespace.
+
+    Close events come from the namespace fastsock runs in, so they would not
+    match sockets read from another proc root (a fixture tree, for one).
+    """
+    try:
+        own = os.stat("/proc/self/ns/net").st_ino
+    except OSError:
+        return False
+    if snapshotter.netns != own:
+        log.info("close events are off: the proc root shows another namespace")
+        return False
+    return True
+
+
+def _close_recorder(enabled: bool, source: "SocketSource", netns: int | None):
+    """Return a CloseRecorder subscribed to close events of this namespace, or None.
+
+    NOTE: with --all-netns only this namespace's closes are subscribed to. A
+    CloseListener per namespace needs a socket opened inside it (setns).
+    """
+    if not enabled:
+        return None
+    from fastsock.closes import CloseRecorder, open_close_listener
+
+    listener = open_close_listener()
+    if listener is None:
+        return None
+    return CloseRecorder(
+        listener, match_by_cookie=source == SocketSource.netlink, netns=netns
+    )
 
 
 def _status_printer():
@@ -176,18 +312,42 @@ def query(
         Optional[Path],
         typer.Option(help="Write the result to this file instead of standard output."),
     ] = None,
+    federated: FederatedOption = False,
+    agent: AgentOption = None,
+    direction: DirectionOption = Direction.downstream,
+    max_depth: MaxDepthOption = DEFAULT_MAX_DEPTH,
+    timeout: TimeoutOption = DEFAULT_TIMEOUT,
+    strict: StrictOption = False,
+    peers: PeersOption = None,
+    token_file: TokenFileOption = None,
+    tls_ca: TlsCaOption = None,
 ) -> None:
     """Run SQL with DuckDB over the stored history.
 
+    With --federated the SQL also reads the rows of the peers' agents, each row
+    with the node and node_id it came from, and a federation_nodes table of the
+    nodes reached and missed (also summed up on standard error).
+
     Example: fastsock query "SELECT comm, remote_addr, remote_port, count(*) AS n
     FROM connections GROUP BY ALL ORDER BY n DESC"
+
+    Example: fastsock query --federated --agent 127.0.0.1:7433 --timeout 10
+    "SELECT node, count(*) FROM connections GROUP BY node"
     """
     from fastsock.output import write_result
     from fastsock.query import run_query
 
     directory = _data_dir(data_dir)
+    if not federated and (agent or strict or peers):
+        raise _fail("--agent, --strict and --peers need --federated", 2)
     try:
-        result = run_query(directory, sql)
+        if federated:
+            result = _federated_result(
+                sql, directory, agent, direction, max_depth, timeout, strict, peers,
+                token_file, tls_ca,
+            )
+        else:
+            result = run_query(directory, sql)
     except NoDataError as error:
         raise _fail(str(error))
     except QueryError as error:
@@ -195,8 +355,265 @@ def query(
 
     try:
         write_result(result, output_format.value, output, sys.stdout)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader (head, less) closed the pipe: stop quietly, as cat does.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     except (ValueError, OSError) as error:
         raise _fail(str(error), 2)
+
+
+@app.command()
+def status(data_dir: DataDirOption = None) -> None:
+    """Show the collector's latest figures and its estimated miss rate.
+
+    Per host and network namespace: the last flush period's samples, sample
+    durations in milliseconds, rows parsed and skipped, attribution misses,
+    close events received and lost, and the TCP opens that the kernel counted
+    (ActiveOpens + PassiveOpens of net/snmp) against those recorded. The miss
+    rate is 1 - recorded / counted, for the last period and over all flushes.
+
+    Example: fastsock status --data-dir ./data
+    """
+    from fastsock.stats import format_status, status as read_status
+
+    directory = _data_dir(data_dir)
+    try:
+        table = read_status(directory)
+    except NoDataError as error:
+        raise _fail(str(error))
+    except QueryError as error:
+        raise _fail(str(error), 2)
+    if table.num_rows == 0:
+        raise _fail(
+            f"no collector_stats in {directory} yet; they are written at each flush "
+            f"of `fastsock collect`"
+        )
+    typer.echo(format_status(table))
+
+
+class DepsDirection(str, Enum):
+    inbound = "in"
+    outbound = "out"
+    both = "both"
+
+
+class DepsFormat(str, Enum):
+    tree = "tree"
+    json = "json"
+    dot = "dot"
+    mermaid = "mermaid"
+
+
+@app.command()
+def deps(
+    target: Annotated[
+        Optional[str],
+        typer.Argument(
+            help="An address (127.0.0.1), address:port ([::1]:8080 for IPv6), a "
+            "process name or a pid. Default: every service in the flows.",
+            show_default=False,
+        ),
+    ] = None,
+    since: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Start of the window: an ISO timestamp (UTC unless it has an "
+            "offset) or a time back from now: 45s, 30m, 1h, 2d. Default: the first "
+            "flow.",
+            show_default=False,
+        ),
+    ] = None,
+    until: Annotated[
+        Optional[str],
+        typer.Option(
+            help="End of the window, in the same forms as --since. Default: the "
+            "last flow.",
+            show_default=False,
+        ),
+    ] = None,
+    depth: Annotated[
+        int, typer.Option(min=1, help="Edges to follow from the target, in hops.")
+    ] = 2,
+    direction: Annotated[
+        DepsDirection,
+        typer.Option(
+            help="in: clients that connected to the target; out: servers the "
+            "target connected to; both."
+        ),
+    ] = DepsDirection.both,
+    output_format: Annotated[
+        DepsFormat, typer.Option("--format", help="Output format.")
+    ] = DepsFormat.tree,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Show which services a process or address depends on, and which depend on it.
+
+    Reads the flows table. Inbound edges (<--) are clients that connected to the
+    node; outbound edges (-->) are servers that it connected to, followed to the
+    host whose listener serves the address when that host's data is in the same
+    data directory. Counts are connections opened in the window.
+
+    Example: fastsock deps nginx --since 1h --depth 2 --data-dir ./data
+    """
+    from fastsock.deps import deps as build_deps, parse_time
+    from fastsock.depsformat import render
+
+    directory = _data_dir(data_dir)
+    try:
+        window_start = parse_time(since) if since else None
+        window_end = parse_time(until) if until else None
+        tree = build_deps(
+            directory, target, window_start, window_end, depth, direction.value
+        )
+    except NoDataError as error:
+        raise _fail(str(error))
+    except (FastsockError, ValueError) as error:
+        raise _fail(str(error), 2)
+    typer.echo(render(tree, output_format.value), nl=False)
+
+
+def _federated_result(
+    sql, directory, agent, direction, max_depth, timeout, strict, peers, token_file,
+    tls_ca,
+):
+    """Run a federated query, print its node summary on stderr, return the rows."""
+    from fastsock.federation_cli import run_federated
+    from fastsock.federation_errors import FederationError
+    from fastsock.reports import summary_lines
+
+    try:
+        result, reports = run_federated(
+            sql, directory, agent, direction, max_depth, timeout, strict, peers,
+            token_file, tls_ca,
+        )
+    except FederationError as error:
+        raise _fail(str(error))
+    except QueryError:
+        raise
+    except FastsockError as error:
+        raise _fail(str(error))
+
+    for line in summary_lines(reports):
+        typer.echo(line, err=True)
+    return result
+
+
+@app.command()
+def serve(
+    listen: ListenOption = DEFAULT_LISTEN,
+    data_dir: DataDirOption = None,
+    node_name: Annotated[
+        Optional[str],
+        typer.Option(help="Name shown in the node column. Default: the hostname."),
+    ] = None,
+    token_file: TokenFileOption = None,
+    tls_cert: TlsCertOption = None,
+    tls_key: TlsKeyOption = None,
+    tls_ca: TlsCaOption = None,
+    peers: PeersOption = None,
+    max_rows: MaxRowsOption = DEFAULT_MAX_ROWS,
+    max_query_seconds: MaxQuerySecondsOption = DEFAULT_MAX_QUERY_SECONDS,
+) -> None:
+    """Serve this node's stored tables to federated queries over Arrow Flight.
+
+    Peers pull the rows of each table they need, filtered as their SQL allows,
+    and this node pulls in turn from the peers its flows show (see
+    docs/federation.md). SQL from clients runs read-only in a sandboxed DuckDB.
+    Listening on an address other than loopback needs a token.
+
+    Example: fastsock serve --listen 127.0.0.1:7433 --data-dir ./data
+    """
+    _run_agent(
+        listen, data_dir, node_name, token_file, tls_cert, tls_key, tls_ca, peers,
+        max_rows, max_query_seconds, collect=None,
+    )
+
+
+@app.command()
+def agent(
+    listen: ListenOption = DEFAULT_LISTEN,
+    data_dir: DataDirOption = None,
+    proc_root: ProcRootOption = None,
+    node_name: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Name stored in the host column and shown in the node column. "
+            "Default: the hostname."
+        ),
+    ] = None,
+    interval: Annotated[
+        float,
+        typer.Option(help="Seconds between snapshots; fractions allowed.", min=0.001),
+    ] = None,
+    flush_interval: Annotated[
+        float,
+        typer.Option(
+            help="Seconds between writes of Parquet files; a crash loses at most "
+            "this. Default: 10.",
+            min=0.1,
+        ),
+    ] = None,
+    token_file: TokenFileOption = None,
+    tls_cert: TlsCertOption = None,
+    tls_key: TlsKeyOption = None,
+    tls_ca: TlsCaOption = None,
+    peers: PeersOption = None,
+    max_rows: MaxRowsOption = DEFAULT_MAX_ROWS,
+    max_query_seconds: MaxQuerySecondsOption = DEFAULT_MAX_QUERY_SECONDS,
+) -> None:
+    """Collect this machine's sockets and serve them, in one process.
+
+    Runs `fastsock collect` (snapshots from /proc) in a thread and `fastsock
+    serve` on --listen, until SIGINT or SIGTERM; then it stops serving and
+    flushes what the collector holds.
+
+    Example: fastsock agent --listen 127.0.0.1:7433 --data-dir ./data --interval 0.2
+    """
+    from fastsock.agent import CollectConfig
+    from fastsock.collector import DEFAULT_FLUSH_INTERVAL, DEFAULT_INTERVAL, Collector
+    from fastsock.snapshot import Snapshotter
+    from fastsock.store import ParquetStore
+
+    directory = _data_dir(data_dir)
+    try:
+        snapshotter = Snapshotter(proc_root, host=node_name)
+        store = ParquetStore(directory)
+        store.check_writable()
+        removed = store.remove_stale_temp_files()
+    except (FastsockError, OSError) as error:
+        raise _fail(str(error))
+    if removed:
+        log.warning("removed %d temporary files left by an interrupted writer", removed)
+
+    collect = CollectConfig(
+        Collector(snapshotter, store),
+        DEFAULT_INTERVAL if interval is None else interval,
+        DEFAULT_FLUSH_INTERVAL if flush_interval is None else flush_interval,
+    )
+    _run_agent(
+        listen, directory, snapshotter.host, token_file, tls_cert, tls_key, tls_ca,
+        peers, max_rows, max_query_seconds, collect=collect,
+    )
+
+
+def _run_agent(
+    listen, data_dir, node_name, token_file, tls_cert, tls_key, tls_ca, peers,
+    max_rows, max_query_seconds, collect,
+) -> None:
+    from fastsock.agent import run_agent
+    from fastsock.federation_cli import ready_printer, serve_config, stop_on_signals
+
+    directory = _data_dir(data_dir)
+    try:
+        config = serve_config(
+            listen, directory, node_name, token_file, tls_cert, tls_key, tls_ca, peers,
+            max_rows, max_query_seconds,
+        )
+        stop = stop_on_signals()
+        run_agent(config, stop, collect, on_ready=ready_printer(config))
+    except (FastsockError, OSError) as error:
+        raise _fail(str(error))
 
 
 def main() -> None:

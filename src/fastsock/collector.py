@@ -6,12 +6,17 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+import pyarrow as pa
 import pyarrow.compute as pc
 
+from fastsock.dependencies import DependencyModel
 from fastsock.errors import StoreError
+from fastsock.flows import DEFAULT_BUCKET_SECONDS
 from fastsock.lifetimes import LifetimeTracker
+from fastsock.netlink import counter_columns
 from fastsock.records import process_keys, process_records, socket_keys, socket_records
 from fastsock.snapshot import Snapshotter, SnapshotStats
+from fastsock.stats import StatsMeter, count_tcp_connections
 from fastsock.store import ParquetStore
 
 log = logging.getLogger(__name__)
@@ -45,8 +50,8 @@ class CollectorStatus:
     def line(self) -> str:
         """Return a one-line summary for a terminal."""
         return (
-            f"samples {self.samples} | sockets {self.sockets} | "
-            f"connections opened {self.opened} | "
+            f"samples {self.samples} ({self.overruns} late) | "
+            f"sockets {self.sockets} | sockets opened {self.opened} | "
             f"last sample {self.last_sample_ms:.1f} ms | "
             f"files {self.files_written} ({self.rows_written} rows) | "
             f"skipped rows {self.skipped_rows}"
@@ -56,12 +61,32 @@ class CollectorStatus:
 class Collector:
     """Sample one proc root and flush connection, listener and process lifetimes."""
 
-    def __init__(self, snapshotter: Snapshotter, store: ParquetStore) -> None:
+    def __init__(
+        self,
+        snapshotter: Snapshotter,
+        store: ParquetStore,
+        closes=None,
+        bucket_seconds: int = DEFAULT_BUCKET_SECONDS,
+    ) -> None:
+        """Set up a collector; closes is a closes.CloseRecorder, or None to poll only.
+
+        bucket_seconds is the width of a flow bucket (see fastsock.flows).
+        """
         self.snapshotter = snapshotter
         self.store = store
+        self.dependencies = DependencyModel(snapshotter, bucket_seconds)
         self.sockets = LifetimeTracker()
         self.processes = LifetimeTracker()
         self.status = CollectorStatus()
+        self.closes = closes
+        self.meter = StatsMeter(
+            snapshotter.host,
+            snapshotter.netns,
+            f"{snapshotter.proc_root}/net/snmp",
+            getattr(snapshotter, "source", "proc"),
+            closes is not None,
+        )
+        self._unwritten_stats = []
 
     def sample(self) -> None:
         """Take one snapshot and fold it into the lifetimes."""
@@ -70,14 +95,28 @@ class Collector:
 
         # Rows with inode 0 (TIME_WAIT, SYN_RECV) have no socket of their own.
         live = table.filter(pc.not_equal(table.column("inode"), 0))
+        live = self.dependencies.observe(table, live, stats.time_us)
         opened = self.sockets.observe(
             socket_keys(live),
             live,
             stats.time_us,
             state=live.column("state_code").to_numpy(),
+            latest=counter_columns(live),
         )
         processes = self.snapshotter.attributor.processes()
         self.processes.observe(process_keys(processes), processes, stats.time_us)
+
+        self.meter.add_sample(
+            stats.time_us,
+            stats.duration_s,
+            stats.tables.rows,
+            stats.tables.skipped_total,
+            count_tcp_connections(live, self.sockets.opened_in_last_observe),
+        )
+        if self.closes is not None:
+            unseen = self.closes.process(self.sockets, stats.time_us)
+            self.meter.add_opens(unseen)
+            opened += unseen
 
         status = self.status
         status.samples += 1
@@ -95,15 +134,32 @@ class Collector:
         and no stored file is touched.
         """
         host, netns = self.snapshotter.host, self.snapshotter.netns
+        if self.closes is not None:
+            # Events received since the last sample close their records now.
+            now_us = time.time_ns() // 1000
+            self.meter.add_opens(self.closes.process(self.sockets, now_us))
         drained_sockets = self.sockets.drain()
         drained_processes = self.processes.drain()
         if drained_sockets is None:
             return True
+        if self.closes is not None:
+            drained_sockets = merge_records(drained_sockets, self.closes.drain())
+        drained_sockets = self.dependencies.classify(drained_sockets)
 
         connections, listeners = socket_records(drained_sockets, host, netns)
+        detected = self.dependencies.detections(drained_sockets, host)
+        if detected is not None:
+            connections = pa.concat_tables([connections, detected])
+            self.meter.add_opens(detected.num_rows)
         tables = [("connections", connections), ("listeners", listeners)]
+        tables.append(("flows", self.dependencies.flows(connections)))
         if drained_processes is not None:
             tables.append(("processes", process_records(drained_processes, host)))
+        stats_row = self.meter.flush_row(time.time_ns() // 1000, self._counters())
+        if stats_row is not None:
+            self._unwritten_stats.append(stats_row)
+        if self._unwritten_stats:
+            tables.append(("collector_stats", pa.concat_tables(self._unwritten_stats)))
 
         try:
             for name, table in tables:
@@ -114,10 +170,12 @@ class Collector:
             self.status.failed_flushes += 1
             log.error("flush failed, keeping rows in memory for the next one: %s", error)
             self.sockets.restore(drained_sockets)
+            self.dependencies.restore()
             if drained_processes is not None:
                 self.processes.restore(drained_processes)
             return False
 
+        self._unwritten_stats = []
         self.status.flushes += 1
         log.info(
             "flushed %d connection and %d listener records to %s",
@@ -126,6 +184,23 @@ class Collector:
             self.store.data_dir,
         )
         return True
+
+    def close(self) -> None:
+        """Stop listening for close events; call after the last flush."""
+        if self.closes is not None:
+            self.closes.stop()
+
+    def _counters(self) -> dict[str, int]:
+        """Return the running totals that collector_stats stores per period."""
+        counters = {
+            "attribution_misses": self.snapshotter.attributor.stats["inodes_unowned"]
+        }
+        if self.closes is not None:
+            listener = self.closes.listener
+            counters["events_received"] = listener.received
+            counters["events_overruns"] = listener.overruns
+            counters["events_dropped"] = listener.dropped()
+        return counters
 
     def run(
         self,
@@ -143,6 +218,12 @@ class Collector:
 
         while not stop.is_set():
             self.sample()
+            if self.status.samples == 1:
+                log.info(
+                    "first sample: %d sockets in %.1f ms",
+                    self.status.sockets,
+                    self.status.last_sample_ms,
+                )
             now = time.monotonic()
             if on_status is not None and now >= next_status:
                 on_status(self.status)
@@ -163,3 +244,10 @@ class Collector:
         if on_status is not None:
             on_status(self.status)
         return self.status
+
+
+def merge_records(drained: pa.Table, extra: pa.Table | None) -> pa.Table:
+    """Append the records of close events to the drained lifetimes."""
+    if extra is None:
+        return drained
+    return pa.concat_tables([drained, extra], promote_options="default")

@@ -27,3 +27,7 @@ class NoDataError(FastsockError, FileNotFoundError):
 
 class StoreError(FastsockError, OSError):
     """A Parquet file could not be written to the data directory."""
+
+
+class ProcRootNotFoundError(ProcReadError, FileNotFoundError):
+    """The proc root is not a directory."""

@@ -29,6 +29,13 @@ class LifetimeTracker:
         self._state = np.empty(0, dtype=np.int8)
         self._closed_parts: list[pa.Table] = []
 
+        # Columns kept from the latest sample, by name (see observe's latest).
+        self._latest: dict[str, np.ndarray] = {}
+        # Records closed by the latest observe, or None if it closed none.
+        self.closed_in_last_observe: pa.Table | None = None
+        # Row indices, into the latest observe's rows, of the entities it opened.
+        self.opened_in_last_observe = np.empty(0, dtype=np.int64)
+
     def __len__(self) -> int:
         return len(self._keys)
 
@@ -43,16 +50,25 @@ class LifetimeTracker:
         rows: pa.Table,
         time_us: int,
         state: np.ndarray | None = None,
+        latest: dict[str, np.ndarray] | None = None,
     ) -> int:
         """Record one sample and return how many entities it opened.
 
-        keys must be unique within the sample.
+        keys must be unique within the sample. latest maps column names of
+        rows to int64 arrays, one value per row, that replace the first-seen
+        value in the records (counters that grow while a socket lives). A
+        negative value is stored as NULL. Pass the same names at every call.
         """
         keys = np.asarray(keys, dtype=np.int64)
         if state is None:
             state = np.zeros(len(keys), dtype=np.int8)
         if self._rows is None:
             self._rows = rows.slice(0, 0)
+            self._latest = {
+                name: np.empty(0, dtype=np.int64) for name in (latest or {})
+            }
+        latest = {name: np.asarray(latest[name]) for name in self._latest}
+        self.closed_in_last_observe = None
 
         position = np.searchsorted(self._keys, keys)
         position_in_range = np.minimum(position, max(len(self._keys) - 1, 0))
@@ -64,6 +80,8 @@ class LifetimeTracker:
         matched = position_in_range[known]
         self._last_seen[matched] = time_us
         self._state[matched] = state[known]
+        for name, values in latest.items():
+            self._latest[name][matched] = values[known]
 
         still_open = np.zeros(len(self._keys), dtype=bool)
         still_open[matched] = True
@@ -71,12 +89,50 @@ class LifetimeTracker:
             self._close(np.flatnonzero(~still_open))
 
         new = np.flatnonzero(~known)
+        self.opened_in_last_observe = new
         if len(new):
+            for name, values in latest.items():
+                self._latest[name] = np.concatenate([self._latest[name], values[new]])
             self._open(keys[new], rows.take(pa.array(new)), time_us, state[new])
         return len(new)
 
+    def open_rows(self) -> tuple[np.ndarray, pa.Table | None]:
+        """Return the keys of the open entities, sorted, and their first-seen rows."""
+        return self._keys, self._rows
+
+    def close_keys(
+        self,
+        keys: np.ndarray,
+        time_us: np.ndarray,
+        replace: dict[str, pa.Array] | None = None,
+    ) -> None:
+        """Close open entities at the given times, as close events report them.
+
+        keys must be open (see open_rows) and unique, and time_us has one
+        value per key. replace maps column names of the rows to arrays, one
+        value per key, that replace the stored values in the closed records.
+        """
+        indices = np.searchsorted(self._keys, keys)
+        records = self._records(indices, closed=True)
+        records = records.set_column(
+            records.schema.get_field_index("last_seen_us"),
+            "last_seen_us",
+            pa.array(np.asarray(time_us, dtype=np.int64)),
+        )
+        for name, values in (replace or {}).items():
+            position = records.schema.get_field_index(name)
+            field = records.schema.field(position)
+            records = records.set_column(position, field, values.cast(field.type))
+        self._closed_parts.append(records)
+
+        keep = np.ones(len(self._keys), dtype=bool)
+        keep[indices] = False
+        self._select(np.flatnonzero(keep))
+
     def _close(self, closed: np.ndarray) -> None:
-        self._closed_parts.append(self._records(closed, closed=True))
+        records = self._records(closed, closed=True)
+        self.closed_in_last_observe = records
+        self._closed_parts.append(records)
         keep = np.ones(len(self._keys), dtype=bool)
         keep[closed] = False
         self._select(np.flatnonzero(keep))
@@ -99,9 +155,17 @@ class LifetimeTracker:
         self._first_seen = self._first_seen[indices]
         self._last_seen = self._last_seen[indices]
         self._state = self._state[indices]
+        for name, values in self._latest.items():
+            self._latest[name] = values[indices]
 
     def _records(self, indices: np.ndarray, closed: bool) -> pa.Table:
         table = self._rows.take(pa.array(indices, pa.int64()))
+        for name, values in self._latest.items():
+            position = table.schema.get_field_index(name)
+            field = table.schema.field(position)
+            picked = values[indices]
+            column = pa.array(picked, mask=picked < 0).cast(field.type)
+            table = table.set_column(position, field, column)
         return (
             table.append_column("key", pa.array(self._keys[indices]))
             .append_column("state_code_last", pa.array(self._state[indices]))
@@ -123,7 +187,8 @@ class LifetimeTracker:
         parts = self._closed_parts
         parts.append(self._records(np.arange(len(self._keys)), closed=False))
         self._closed_parts = []
-        return pa.concat_tables(parts)
+        # Restored records of close events have columns that samples lack.
+        return pa.concat_tables(parts, promote_options="default")
 
     def restore(self, records: pa.Table) -> None:
         """Put back closed records that a failed flush could not store."""

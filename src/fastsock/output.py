@@ -65,7 +65,14 @@ def write_parquet(table: pa.Table, output: "str | os.PathLike[str] | None") -> N
             "the parquet format is binary and needs an output file path; "
             "give a path to write to, or choose another format"
         )
-    pq.write_table(table, output, compression="zstd")
+    try:
+        pq.write_table(table, output, compression="zstd")
+    except pa.ArrowNotImplementedError as error:
+        raise ValueError(
+            f"cannot write this result as Parquet: {error}; cast the column in "
+            "SQL (an INTERVAL with epoch_us(...), for instance) or choose "
+            "another format"
+        ) from error
 
 
 def write_text_table(table: pa.Table, stream: TextIO) -> None:

@@ -7,6 +7,8 @@ reads a host's /proc mounted into a container, or a fixture tree in tests.
 
 import os
 
+from fastsock.errors import ProcRootNotFoundError
+
 PROC_ROOT_ENV = "FASTSOCK_PROC_ROOT"
 DEFAULT_PROC_ROOT = "/proc"
 
@@ -17,7 +19,7 @@ def resolve_proc_root(proc_root: "str | os.PathLike[str] | None" = None) -> str:
         proc_root = os.environ.get(PROC_ROOT_ENV) or DEFAULT_PROC_ROOT
     root = os.fspath(proc_root).rstrip("/") or "/"
     if not os.path.isdir(root):
-        raise FileNotFoundError(
+        raise ProcRootNotFoundError(
             f"proc root {root!r} is not a directory; pass --proc-root or set "
             f"{PROC_ROOT_ENV} to a mounted /proc"
         )

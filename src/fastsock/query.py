@@ -48,7 +48,10 @@ SANDBOX_SETTINGS = (
 
 
 def open_database(
-    data_dir: "str | os.PathLike[str]", *, sandboxed: bool = False
+    data_dir: "str | os.PathLike[str]",
+    *,
+    sandboxed: bool = False,
+    time_zone: "str | None" = None,
 ) -> duckdb.DuckDBPyConnection:
     """Open an in-memory DuckDB with views over the tables of the data directory.
 
@@ -57,12 +60,16 @@ def open_database(
     a setting. Its views read the files through Arrow datasets, and those see
     only the files that existed when this function ran. Open a new connection
     for each client request, because a client's SQL can drop or replace views.
+    ``time_zone`` sets DuckDB's TimeZone (an IANA name such as UTC) before the
+    configuration is locked.
     """
     root = Path(data_dir).absolute()
     connection = duckdb.connect(":memory:")
 
     try:
         _create_views(connection, root, sandboxed)
+        if time_zone is not None:
+            set_time_zone(connection, time_zone)
         if sandboxed:
             _lock_down(connection)
     except BaseException:
@@ -70,6 +77,38 @@ def open_database(
         raise
 
     return connection
+
+
+def open_arrow_database(
+    sources: "dict[str, object]", *, time_zone: "str | None" = None
+) -> duckdb.DuckDBPyConnection:
+    """Open a sandboxed in-memory DuckDB with one view per Arrow source.
+
+    ``sources`` maps a view name to a pyarrow Table, RecordBatchReader or
+    dataset. The connection is locked down as ``open_database(...,
+    sandboxed=True)`` is, so SQL can read the sources and nothing else.
+    """
+    connection = duckdb.connect(":memory:")
+    try:
+        for name, source in sources.items():
+            connection.register(name, source)
+        if time_zone is not None:
+            set_time_zone(connection, time_zone)
+        _lock_down(connection)
+    except BaseException:
+        connection.close()
+        raise
+    return connection
+
+
+def set_time_zone(connection: duckdb.DuckDBPyConnection, time_zone: str) -> None:
+    """Set DuckDB's TimeZone; raises QueryError naming an unknown zone."""
+    try:
+        connection.execute(f"SET TimeZone = {quote_string(time_zone)}")
+    except duckdb.Error as exc:
+        raise QueryError(
+            f"invalid time zone {time_zone!r}; use an IANA name such as UTC: {exc}"
+        ) from exc
 
 
 def run_query(
@@ -81,6 +120,11 @@ def run_query(
     DuckDB's exception, when DuckDB rejects the query or fails to run it.
     """
     root = Path(data_dir)
+    if root.exists() and not root.is_dir():
+        raise NoDataError(
+            f"data directory {root} is a file; pass the directory that "
+            "`fastsock collect --data-dir` wrote to"
+        )
     if not tables_with_files(root):
         command = f"fastsock collect --data-dir {shlex.quote(str(root))}"
         raise NoDataError(f"nothing collected in {root} yet; run `{command}`")
@@ -135,22 +179,39 @@ def _create_views(
         else:
             source = _read_parquet_sql(table_dir)
 
-        _create_table_views(connection, table_name, source)
+        try:
+            _create_table_views(connection, table_name, source)
+        except duckdb.Error as error:
+            raise QueryError(
+                f"cannot read the {table_name} files under {table_dir}: {error}; "
+                "move any file that is not a fastsock Parquet file out of the "
+                "data directory"
+            ) from error
 
 
 def _create_table_views(
     connection: duckdb.DuckDBPyConnection, table_name: str, source: str
 ) -> None:
-    _schema, key = TABLES[table_name]
+    schema, key = TABLES[table_name]
     records = quote_identifier(f"{table_name}_records")
 
     connection.execute(f"CREATE VIEW {records} AS SELECT * FROM {source}")
-    # NOTE: when two records of one key have the same last_seen, which of them the
-    # view keeps is not defined.
+
+    # The newest record of a key is the current one. A closed record can carry
+    # the same last_seen as the checkpoint before it, so closed sorts first on
+    # a tie. first_seen is the earliest of all records, because a collector
+    # restarted while the entity lived wrote a later first_seen.
+    partition = f"PARTITION BY {quote_identifier(key)}"
+    order = "last_seen DESC"
+    if "closed" in schema.names:
+        order += ", closed DESC"
+    columns = "*"
+    if "first_seen" in schema.names:
+        columns = f"* REPLACE (min(first_seen) OVER ({partition}) AS first_seen)"
     connection.execute(
-        f"CREATE VIEW {quote_identifier(table_name)} AS SELECT * FROM {records} "
-        f"QUALIFY row_number() OVER "
-        f"(PARTITION BY {quote_identifier(key)} ORDER BY last_seen DESC) = 1"
+        f"CREATE VIEW {quote_identifier(table_name)} AS "
+        f"SELECT {columns} FROM {records} "
+        f"QUALIFY row_number() OVER ({partition} ORDER BY {order}) = 1"
     )
 
 

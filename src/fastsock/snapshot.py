@@ -9,11 +9,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
+from fastsock.netlink import with_diag_columns
+from fastsock.netns import NamespaceTables, with_netns
 from fastsock.procfs import resolve_proc_root
 from fastsock.processes import Attributor
 from fastsock.sockets import SkipLogger, TableReport, read_socket_tables
 
 log = logging.getLogger(__name__)
+
+# Where a Snapshotter reads the socket tables from (see Snapshotter.__init__).
+SOURCES = ("proc", "netlink")
 
 # Columns that attribution adds to each socket row, after the socket columns.
 OWNER_COLUMNS = ("pid", "pids", "comm", "exe", "cmdline", "process_start")
@@ -46,12 +51,48 @@ class SnapshotStats:
 class Snapshotter:
     """Take snapshots of one proc root, reusing attribution between them."""
 
-    def __init__(self, proc_root=None, host: str | None = None) -> None:
+    def __init__(
+        self, proc_root=None, host: str | None = None, source: str = "proc"
+    ) -> None:
+        """Set up snapshots of proc_root's sockets, read from source.
+
+        source is ``proc`` (the text tables under ``<proc_root>/net``) or
+        ``netlink`` (sock_diag dumps of the namespace this process runs in,
+        which add the socket cookie and TCP counters). Processes are always
+        read under proc_root.
+        """
+        if source not in SOURCES:
+            raise ValueError(
+                f"unknown socket source {source!r}; use one of {', '.join(SOURCES)}"
+            )
         self.proc_root = resolve_proc_root(proc_root)
         self.host = host or socket.gethostname()
         self.netns = read_netns(self.proc_root)
         self.attributor = Attributor(self.proc_root)
         self.skip_logger = SkipLogger()
+        self.source = source
+        self.netlink = None
+        if source == "netlink":
+            from fastsock.netlink import NetlinkReader
+
+            self.netlink = NetlinkReader()
+
+        # Set by read_all_netns(); None reads only this process's namespace.
+        self.namespaces = None
+
+    def read_all_netns(self) -> None:
+        """Read every network namespace's tables, through one process in each.
+
+        Without this, a Snapshotter reads the namespace of the process it runs
+        in. Raises ValueError with the netlink source, which dumps only the
+        namespace that this process runs in.
+        """
+        if self.netlink is not None:
+            raise ValueError(
+                "reading every network namespace needs the proc source, because "
+                "netlink dumps only this process's namespace; use --source proc"
+            )
+        self.namespaces = NamespaceTables(self.proc_root, self.netns)
 
     def take(self, stats: SnapshotStats | None = None) -> pa.Table:
         """Return the current sockets with their owners, one row per socket."""
@@ -59,7 +100,18 @@ class Snapshotter:
         started = time.perf_counter()
         stats.time_us = time.time_ns() // 1000
 
-        sockets = read_socket_tables(self.proc_root, stats.tables, self.skip_logger)
+        if self.netlink is not None:
+            sockets = self.netlink.read(stats.tables)
+        elif self.namespaces is not None:
+            sockets = self.namespaces.read(stats.tables, self.skip_logger)
+            sockets = with_diag_columns(sockets)
+        else:
+            sockets = read_socket_tables(
+                self.proc_root, stats.tables, self.skip_logger
+            )
+            sockets = with_diag_columns(sockets)
+        if "netns" not in sockets.column_names:
+            sockets = with_netns(sockets, self.netns)
         owners = self.attributor.resolve(sockets.column("inode").to_numpy())
         table = join_owners(sockets, owners)
 
@@ -111,5 +163,7 @@ def sample(proc_root=None) -> pa.Table:
     time_us = pa.scalar(stats.time_us, pa.int64()).cast(pa.timestamp("us", tz="UTC"))
     table = table.add_column(0, "ts", pa.repeat(time_us, rows))
     table = table.add_column(1, "host", pa.repeat(pa.scalar(snapshotter.host), rows))
-    netns = pa.scalar(snapshotter.netns, pa.int64())
-    return table.add_column(2, "netns", pa.repeat(netns, rows))
+    # take() puts netns after the socket columns; the API shows it third.
+    netns = table.column("netns")
+    table = table.drop_columns(["netns"])
+    return table.add_column(2, pa.field("netns", pa.int64()), netns)

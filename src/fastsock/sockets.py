@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from fastsock.core import load_extension
+from fastsock.errors import ProcReadError
 
 _socktable = load_extension("_socktable")
 
@@ -118,6 +119,49 @@ class SkipLogger:
             log.debug("skipped %d more rows of %s", hidden, path)
 
 
+class EarlyStopCheck:
+    """Decide per file whether a read may skip the final 0-byte read.
+
+    The early-stop rule (see ``_socktable.read_whole_file``) held in every
+    measured run on Linux 6.18, but it depends on how the kernel fills each
+    read. So the first reads of each file, and one in every
+    ``FULL_READ_EVERY`` after them, read to the end and check the rule
+    against the full content. One mismatch turns early stops off for good.
+    """
+
+    FULL_READS_FIRST = 3
+    FULL_READ_EVERY = 64
+
+    def __init__(self) -> None:
+        self._reads: Counter = Counter()
+        self.enabled = True
+
+    def may_stop_early(self, path: str) -> bool:
+        count = self._reads[path]
+        self._reads[path] += 1
+        if not self.enabled or count < self.FULL_READS_FIRST:
+            return False
+        return count % self.FULL_READ_EVERY != 0
+
+    def check(self, path: str, buffer) -> None:
+        """Turn early stops off if a full read shows the rule would cut data."""
+        if buffer.stopped_early or buffer.early_stop_size < 0:
+            return
+        if buffer.early_stop_size != buffer.size and self.enabled:
+            self.enabled = False
+            log.warning(
+                "reads of %s returned more data after a short read (%d of %d "
+                "bytes); reading every socket table to the end from now on",
+                path,
+                buffer.early_stop_size,
+                buffer.size,
+            )
+
+
+# One check per process: the rule is a property of the running kernel.
+EARLY_STOP = EarlyStopCheck()
+
+
 def _string_column(offsets: np.ndarray, text: np.ndarray) -> pa.Array:
     return pa.StringArray.from_buffers(
         len(offsets) - 1, pa.py_buffer(offsets), pa.py_buffer(text)
@@ -168,6 +212,7 @@ def read_socket_tables(
     report: TableReport,
     skip_logger: SkipLogger | None = None,
     files=SOCKET_FILES,
+    early_stop: EarlyStopCheck = EARLY_STOP,
 ) -> pa.Table:
     """Read and parse the socket tables under ``<proc_root>/net``.
 
@@ -179,19 +224,19 @@ def read_socket_tables(
     for name, protocol, socket_family in files:
         path = f"{proc_root}/net/{name}"
         try:
-            buffer = _socktable.read_file(path)
+            buffer = _socktable.read_file(path, early_stop.may_stop_early(path))
         except FileNotFoundError:
             log.debug("%s does not exist; reading it as empty", path)
             continue
         except OSError as error:
+            hint = "check the path given as --proc-root"
             if error.errno in (errno.EACCES, errno.EPERM):
-                raise PermissionError(
-                    error.errno,
-                    f"cannot read {path}: {error.strerror}; run fastsock as a "
-                    "user that may read the socket tables",
-                ) from error
-            raise
+                hint = "run fastsock as a user that may read the socket tables"
+            raise ProcReadError(
+                error.errno, f"cannot read {path}: {error.strerror}; {hint}"
+            ) from error
 
+        early_stop.check(path, buffer)
         parsed = _socktable.parse_buffer(buffer, socket_family)
         report.rows += parsed.rows
         report.reads += parsed.reads

@@ -89,6 +89,30 @@ class ParquetStore:
     def __init__(self, data_dir: "str | os.PathLike[str]") -> None:
         self.data_dir = Path(data_dir)
 
+    def check_writable(self) -> None:
+        """Create the data directory if needed and check that files can be made in it.
+
+        Raises StoreError naming the path and the fix, so a collector fails at
+        start instead of at its first flush.
+        """
+        if self.data_dir.exists() and not self.data_dir.is_dir():
+            raise StoreError(
+                f"data directory {self.data_dir} is a file; pass a directory "
+                "with --data-dir or $FASTSOCK_DATA_DIR"
+            )
+
+        probe = self.data_dir / f"{TEMP_PREFIX}probe-{os.getpid()}"
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as error:
+            raise StoreError(
+                error.errno,
+                f"cannot write to data directory {self.data_dir}: {error.strerror}; "
+                "pass a writable directory with --data-dir",
+            ) from error
+
     def write(self, table_name: str, table: pa.Table) -> list[Path]:
         """Write the rows of ``table`` to one new file per hour of last_seen.
 

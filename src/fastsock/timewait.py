@@ -1,0 +1,241 @@
+"""Connections seen only after they closed: socket rows with inode 0 in a closing state.
+
+When a program closes a TCP socket, the kernel keeps the connection listed without
+an fd, so with inode 0. It is in FIN_WAIT1, FIN_WAIT2, CLOSING or LAST_ACK while
+the close handshake runs, and then in TIME_WAIT for about 60 s on the side that
+closed first. A connection that opened and closed between two samples shows up only as
+such a row, and is recorded as a closed connection with ``detected_by`` set to
+``time_wait``.
+
+A row is keyed by its namespace and four-tuple. It stays listed across many
+samples (and FIN_WAIT2 turns into TIME_WAIT in place), so a detection is a key
+that the previous sample did not list. A row whose four-tuple belongs to a
+connection that was tracked live is that connection's afterlife and is dropped.
+
+Inode 0 is never matched to a process. A detection is attributed only when it is
+certain: an inbound connection whose port has exactly one covering listener, held
+by exactly one process.
+"""
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from fastsock import schema
+from fastsock.direction import INBOUND, ListenerHistory
+from fastsock.identity import combine, text_id
+from fastsock.records import NO_HOLDER
+from fastsock.sockets import decode_states
+from fastsock.textids import TextIds
+
+DETECTED_BY = "time_wait"
+
+# Values of the connections column `attribution` for detections: the pid is the
+# owner of the only listener, or there is no process because inode 0 has none.
+ATTRIBUTED_BY_LISTENER = "listener"
+
+# TCP states (include/net/tcp_states.h) of a connection whose program closed it.
+# SYN_RECV (3) and NEW_SYN_RECV (12) rows also have inode 0, but they are
+# handshakes not accepted yet, which show up live once accepted.
+CLOSING_STATES = pa.array(
+    [
+        4,  # FIN_WAIT1
+        5,  # FIN_WAIT2
+        6,  # TIME_WAIT
+        7,  # CLOSE
+        9,  # LAST_ACK
+        11,  # CLOSING
+    ],
+    pa.int8(),
+)
+
+FOUR_TUPLE = [
+    "netns",
+    "protocol",
+    "local_addr",
+    "local_port",
+    "remote_addr",
+    "remote_port",
+]
+
+# Owner columns that an attributed detection copies from its listener.
+OWNER_COLUMNS = ("uid", "pid", "pids", "comm", "exe", "cmdline", "process_start")
+
+
+def closing_rows(sockets: pa.Table) -> pa.Table:
+    """Return the TCP rows of a snapshot that have inode 0 and a closing state."""
+    mask = pc.and_(
+        pc.and_(
+            pc.equal(sockets.column("inode"), 0),
+            pc.equal(sockets.column("protocol"), "tcp"),
+        ),
+        pc.is_in(sockets.column("state_code"), value_set=CLOSING_STATES),
+    )
+    return sockets.filter(mask)
+
+
+class ClosedConnectionDetector:
+    """Find connections in closing rows that the previous sample did not list."""
+
+    def __init__(self) -> None:
+        self._listed = np.empty(0, dtype=np.int64)
+        self._pending: list[pa.Table] = []
+        self._recently_live: pa.Table | None = None
+        self._text_ids = TextIds()
+
+    def observe(self, sockets: pa.Table, time_us: int) -> int:
+        """Record the closing rows of one snapshot; return how many are new."""
+        rows = closing_rows(sockets)
+        keys = self._keys(rows)
+        keys, first = np.unique(keys, return_index=True)
+        rows = rows.take(pa.array(first, pa.int64()))
+
+        new = ~np.isin(keys, self._listed)
+        self._listed = keys
+        if not new.any():
+            return 0
+
+        detected = rows.filter(pa.array(new))
+        times = pa.array(np.full(detected.num_rows, time_us, dtype=np.int64))
+        self._pending.append(
+            detected.append_column("key", pa.array(keys[new]))
+            .append_column("first_seen_us", times)
+            .append_column("last_seen_us", times)
+            # The connection may have opened before collection started.
+            .append_column("opened_after_us", pa.array(np.zeros(len(times), np.int64)))
+        )
+        return int(new.sum())
+
+    def drain(self, live: pa.Table) -> pa.Table | None:
+        """Return the detections since the last drain, minus connections tracked live.
+
+        live contains the drained live connections (open and closed), with the
+        FOUR_TUPLE columns. Their four-tuples are also kept until the next drain,
+        for a row that is listed just after a drain.
+        """
+        if not self._pending:
+            self._recently_live = _tuples(live)
+            return None
+
+        detected = pa.concat_tables(self._pending)
+        self._pending = []
+        for tracked in (self._recently_live, _tuples(live)):
+            if tracked is not None and detected.num_rows:
+                detected = _without(detected, tracked)
+        self._recently_live = _tuples(live)
+        return detected
+
+    def restore(self, detected: pa.Table) -> None:
+        """Put back detections that a failed flush could not store."""
+        if detected.num_rows:
+            self._pending.insert(0, detected)
+
+    def _keys(self, rows: pa.Table) -> np.ndarray:
+        netns = rows.column("netns").fill_null(0).to_numpy(zero_copy_only=False)
+        return combine(
+            netns,
+            self._text_ids.ids(rows.column("local_addr")),
+            rows.column("local_port").to_numpy(),
+            self._text_ids.ids(rows.column("remote_addr")),
+            rows.column("remote_port").to_numpy(),
+        )
+
+
+def _tuples(connections: pa.Table) -> pa.Table | None:
+    if connections is None or connections.num_rows == 0:
+        return None
+    tuples = connections.select(FOUR_TUPLE)
+    return tuples.set_column(0, "netns", tuples.column("netns").fill_null(0))
+
+
+def _without(detected: pa.Table, tracked: pa.Table) -> pa.Table:
+    """Drop the detections whose namespace and four-tuple appear in tracked."""
+    keyed = detected.append_column(
+        "detection_row", pa.array(np.arange(detected.num_rows))
+    )
+    keyed = keyed.set_column(
+        keyed.schema.get_field_index("netns"),
+        "netns_key",
+        keyed.column("netns").fill_null(0),
+    )
+    right = tracked.rename_columns(["netns_key", *FOUR_TUPLE[1:]])
+    untracked = keyed.select(["detection_row", "netns_key", *FOUR_TUPLE[1:]]).join(
+        right.group_by(right.column_names).aggregate([]),
+        keys=["netns_key", *FOUR_TUPLE[1:]],
+        join_type="left anti",
+    )
+    rows = np.sort(untracked.column("detection_row").to_numpy())
+    return detected.take(pa.array(rows, pa.int64()))
+
+
+def detection_records(
+    detected: pa.Table,
+    directions: pa.Array,
+    sole_listener: np.ndarray,
+    history: ListenerHistory,
+    host: str,
+) -> pa.Table:
+    """Build connections rows for detections, with the owner where it is certain.
+
+    sole_listener is, per detection, the row in history.table of the only listener
+    that covers it, or -1 (see direction.classify).
+    """
+    rows = detected.num_rows
+    first_seen = detected.column("first_seen_us").to_numpy()
+    netns = detected.column("netns").fill_null(0).to_numpy(zero_copy_only=False)
+    conn_id = combine(
+        np.full(rows, text_id(host), dtype=np.int64),
+        netns,
+        detected.column("key").to_numpy(),
+        first_seen,
+    )
+    seen = pa.array(first_seen, pa.int64()).cast(schema.TIMESTAMP)
+    columns = {
+        "host": pa.repeat(pa.scalar(host), rows),
+        "conn_id": pa.array(conn_id, pa.int64()),
+        "state": decode_states(detected.column("state_code").to_numpy(), False),
+        "first_seen": seen,
+        "last_seen": seen,
+        "closed": pa.repeat(pa.scalar(True), rows),
+        "detected_by": pa.repeat(pa.scalar(DETECTED_BY), rows),
+        "direction": directions,
+    }
+    columns.update(_owners(directions, sole_listener, history))
+
+    columns["attribution"] = pc.if_else(
+        pc.is_valid(columns["pid"]), ATTRIBUTED_BY_LISTENER, NO_HOLDER
+    )
+
+    arrays = []
+    for field in schema.CONNECTIONS:
+        if field.name in columns:
+            arrays.append(columns[field.name].cast(field.type))
+        elif field.name in detected.column_names:
+            arrays.append(detected.column(field.name).cast(field.type))
+        else:
+            # Columns that other sources fill, such as TCP counters.
+            arrays.append(pa.nulls(rows, field.type))
+    return pa.Table.from_arrays(arrays, schema=schema.CONNECTIONS)
+
+
+def _owners(
+    directions: pa.Array, sole_listener: np.ndarray, history: ListenerHistory
+) -> dict[str, pa.Array]:
+    """Return the owner columns: the listener's for certain cases, else NULL."""
+    inbound = pc.equal(directions, INBOUND).to_numpy(zero_copy_only=False)
+    has_listener = sole_listener >= 0
+    certain = inbound & has_listener
+
+    if certain.any():
+        pids = history.table.column("pids").take(pa.array(np.maximum(sole_listener, 0)))
+        holders = pc.list_value_length(pids).fill_null(0).to_numpy(zero_copy_only=False)
+        certain &= holders == 1
+
+    indices = pa.array(np.maximum(sole_listener, 0), mask=~certain)
+    if history.table.num_rows == 0:
+        return {
+            name: pa.nulls(len(sole_listener), history.table.schema.field(name).type)
+            for name in OWNER_COLUMNS
+        }
+    owners = history.table.take(indices)
+    return {name: owners.column(name).combine_chunks() for name in OWNER_COLUMNS}

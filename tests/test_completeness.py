@@ -1,0 +1,148 @@
+"""The completeness meter: kernel TCP open counters against recorded connections."""
+
+import itertools
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from fastsock.stats import miss_rate, parse_tcp_opens
+from harness import query_json, run_fastsock
+
+SNMP_TEXT = """\
+Ip: Forwarding DefaultTTL InReceives
+Ip: 1 64 1000
+Tcp: RtoAlgorithm RtoMin RtoMax MaxConn ActiveOpens PassiveOpens AttemptFails
+Tcp: 1 200 120000 -1 94728 94675 19
+Udp: InDatagrams NoPorts
+Udp: 10 2
+"""
+
+
+def test_snmp_opens_parsed():
+    assert parse_tcp_opens(SNMP_TEXT) == (94728, 94675)
+
+
+def test_snmp_without_tcp_lines_rejected():
+    with pytest.raises(ValueError, match="found 0 'Tcp:' lines"):
+        parse_tcp_opens("Ip: Forwarding\nIp: 1\n")
+
+
+def test_snmp_without_open_counters_rejected():
+    text = "Tcp: RtoAlgorithm RtoMin\nTcp: 1 200\n"
+    with pytest.raises(ValueError, match="no ActiveOpens and PassiveOpens"):
+        parse_tcp_opens(text)
+
+
+@pytest.mark.parametrize(
+    ("active", "passive", "recorded", "expected"),
+    [
+        (10, 10, 20, 0.0),
+        (10, 10, 15, 0.25),
+        (4, 0, 0, 1.0),
+        (5, 5, 12, 0.0),
+        (0, 0, 3, None),
+        (None, None, 3, None),
+    ],
+)
+def test_miss_rate(active, passive, recorded, expected):
+    assert miss_rate(active, passive, recorded) == expected
+
+
+needs_netns = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("ip") is None,
+    reason="needs root and iproute2's ip to create a network namespace",
+)
+_names = itertools.count()
+
+# Opens COUNT loopback connections one after another, each living HOLD seconds.
+OPEN_CONNECTIONS = """
+import socket, sys, time
+count, hold = int(sys.argv[1]), float(sys.argv[2])
+server = socket.socket()
+server.bind(("127.0.0.1", 0))
+server.listen(128)
+for _ in range(count):
+    client = socket.create_connection(server.getsockname())
+    accepted, _ = server.accept()
+    time.sleep(hold)
+    client.close()
+    accepted.close()
+"""
+
+
+@pytest.fixture
+def netns():
+    """A new network namespace with loopback up, deleted after the test."""
+    name = f"fs-meter-{os.getpid()}-{next(_names)}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def collect_while_connecting(netns, data_dir, count, *options) -> None:
+    """Run collect inside netns while count short connections open and close."""
+    in_netns = ["ip", "netns", "exec", netns]
+    collector = subprocess.Popen(
+        [*in_netns, sys.executable, "-m", "fastsock", "--log-level", "info",
+         "collect", "--quiet",
+         "--interval", "1", "--duration", "2.5", "--data-dir", str(data_dir),
+         *options],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    # Connections of the first sample opened before collection, so the
+    # load starts once the first sample is logged.
+    seen = []
+    for line in collector.stderr:
+        seen.append(line)
+        if "first sample:" in line:
+            break
+    subprocess.run(
+        [*in_netns, sys.executable, "-c", OPEN_CONNECTIONS, str(count), "0.005"],
+        check=True, timeout=60,
+    )
+    _, rest = collector.communicate(timeout=60)
+    assert collector.returncode == 0, "".join(seen) + rest
+
+
+def totals(data_dir) -> dict:
+    (row,) = query_json(
+        data_dir,
+        "SELECT sum(tcp_active_opens) AS active, sum(tcp_passive_opens) AS passive, "
+        "sum(tcp_opens_recorded) AS recorded, count(*) AS periods, "
+        "max(miss_rate) AS worst FROM collector_stats",
+    )
+    return row
+
+
+@needs_netns
+def test_meter_with_close_events_counts_every_open(netns, tmp_path):
+    collect_while_connecting(netns, tmp_path, 20, "--close-events")
+
+    row = totals(tmp_path)
+    status = run_fastsock("status", "--data-dir", str(tmp_path)).stdout
+
+    assert row["active"] == 20
+    assert row["passive"] == 20
+    assert row["recorded"] == 40
+    assert row["worst"] == 0.0
+    assert "miss rate      0.0% last period" in status
+    assert "kernel 40 (active 20, passive 20), recorded 40" in status
+
+
+@needs_netns
+def test_meter_reports_misses_of_polling(netns, tmp_path):
+    collect_while_connecting(netns, tmp_path, 20, "--no-close-events")
+
+    row = totals(tmp_path)
+
+    assert row["active"] == 20
+    assert row["passive"] == 20
+    assert row["recorded"] < 40
+    assert row["worst"] > 0.2
