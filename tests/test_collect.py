@@ -1,5 +1,6 @@
 """`fastsock collect` and `fastsock query` end to end, on real loopback sockets."""
 
+import json
 import os
 import signal
 import subprocess
@@ -310,3 +311,31 @@ def test_vanished_proc_root_keeps_collected_rows(tmp_path):
     assert "collection stopped" in stderr
     rows = query_json(data, "SELECT count(*) AS n FROM connections")
     assert rows == [{"n": 3}]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for mount and unshare")
+def test_foreign_proc_root_reads_host_namespace(peers, tmp_path):
+    """A host's /proc mounted elsewhere, read from another namespace, shows the host."""
+    import shutil
+
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare (util-linux) is not installed")
+    server = peers("server", "--bind", "127.0.0.1", "--name", "fs-host-srv")
+    host_proc = tmp_path / "hostproc"
+    host_proc.mkdir()
+    subprocess.run(["mount", "--bind", "/proc", str(host_proc)], check=True)
+    code = (
+        "import fastsock, json, sys; t = fastsock.sample(sys.argv[1]); "
+        "print(json.dumps(sorted(set(t.column('local_port').to_pylist()))))"
+    )
+
+    try:
+        result = subprocess.run(
+            ["unshare", "--net", sys.executable, "-c", code, str(host_proc)],
+            capture_output=True, text=True, timeout=60,
+        )
+    finally:
+        subprocess.run(["umount", str(host_proc)], check=True)
+
+    assert result.returncode == 0, result.stderr
+    assert server.info["port"] in json.loads(result.stdout)

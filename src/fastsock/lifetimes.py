@@ -54,7 +54,7 @@ class LifetimeTracker:
     ) -> int:
         """Record one sample and return how many entities it opened.
 
-        keys must be unique within the sample. latest maps column names of
+        A key repeated within the sample counts once. latest maps column names of
         rows to int64 arrays, one value per row, that replace the first-seen
         value in the records (counters that grow while a socket lives). A
         negative value is stored as NULL. Pass the same names at every call.
@@ -88,7 +88,7 @@ class LifetimeTracker:
         if not still_open.all():
             self._close(np.flatnonzero(~still_open))
 
-        new = np.flatnonzero(~known)
+        new = _first_of_each_key(keys, np.flatnonzero(~known))
         self.opened_in_last_observe = new
         if len(new):
             for name, values in latest.items():
@@ -199,3 +199,17 @@ class LifetimeTracker:
     def close_all(self) -> None:
         """Forget open entities without marking them closed (collection stops)."""
         self._select(np.empty(0, dtype=np.int64))
+
+
+def _first_of_each_key(keys: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Return rows without repeated keys, keeping each key's first row.
+
+    A read of a socket table that races with changes can list one socket
+    twice; two entities with one key would make the second look closed.
+    """
+    if len(rows) < 2:
+        return rows
+    _, first = np.unique(keys[rows], return_index=True)
+    if len(first) == len(rows):
+        return rows
+    return rows[np.sort(first)]

@@ -11,7 +11,7 @@ import pyarrow as pa
 
 from fastsock.netlink import with_diag_columns
 from fastsock.netns import NamespaceTables, with_netns
-from fastsock.procfs import resolve_proc_root
+from fastsock.procfs import DEFAULT_PROC_ROOT, resolve_proc_root
 from fastsock.processes import Attributor
 from fastsock.sockets import SkipLogger, TableReport, read_socket_tables
 
@@ -24,15 +24,33 @@ SOURCES = ("proc", "netlink")
 OWNER_COLUMNS = ("pid", "pids", "comm", "exe", "cmdline", "process_start")
 
 
+def table_root(proc_root: str) -> str:
+    """Return the directory whose ``net/`` holds the socket tables to read.
+
+    ``/proc/net`` shows the namespace of the reading process, which is what
+    the default proc root should read. Another proc root is a host's /proc
+    mounted into a container, where ``<proc_root>/net`` would still show the
+    container's namespace: there the tables of pid 1, the host's init, are
+    read. A fixture tree without ``1/net`` is read as it is.
+    """
+    if proc_root == DEFAULT_PROC_ROOT:
+        return proc_root
+    if os.path.isdir(f"{proc_root}/1/net"):
+        return f"{proc_root}/1"
+    return proc_root
+
+
 def read_netns(proc_root: str) -> int | None:
     """Return the inode of the network namespace whose tables proc_root shows.
 
-    ``<proc_root>/net`` is the namespace of the reading process, so this is
-    stat (not lstat) of ``<proc_root>/self/ns/net``. A fixture tree without
-    that link has no namespace: None.
+    This is stat (not lstat) of the namespace link of the process whose
+    tables are read (see table_root). A fixture tree without that link has
+    no namespace: None.
     """
+    root = table_root(proc_root)
+    link = f"{root}/ns/net" if root != proc_root else f"{proc_root}/self/ns/net"
     try:
-        return os.stat(f"{proc_root}/self/ns/net").st_ino
+        return os.stat(link).st_ino
     except OSError:
         return None
 
@@ -107,7 +125,7 @@ class Snapshotter:
             sockets = with_diag_columns(sockets)
         else:
             sockets = read_socket_tables(
-                self.proc_root, stats.tables, self.skip_logger
+                table_root(self.proc_root), stats.tables, self.skip_logger
             )
             sockets = with_diag_columns(sockets)
         if "netns" not in sockets.column_names:
