@@ -60,11 +60,14 @@ def server():
     sock.close()
 
 
-def rows_of(data_dir, view: str, port: int) -> list[dict]:
+def rows_of(data_dir, view: str, client_port: int, server_port: int) -> list[dict]:
+    """Return both ends of the loopback connection between the two ports."""
     return query_json(
         data_dir,
-        f"SELECT * FROM {view} WHERE protocol = 'tcp' AND "
-        f"(local_port = {port} OR remote_port = {port}) ORDER BY local_port",
+        f"SELECT * FROM {view} WHERE protocol = 'tcp' AND local_addr = '127.0.0.1' "
+        f"AND ((local_port = {client_port} AND remote_port = {server_port}) OR "
+        f"(local_port = {server_port} AND remote_port = {client_port})) "
+        f"ORDER BY local_port",
     )
 
 
@@ -81,8 +84,11 @@ def test_connection_shorter_than_sample(source, server, tmp_path):
     accepted.close()
     collector.wait()
 
-    rows = {row["local_port"]: row for row in rows_of(tmp_path, "connections",
-                                                        client_port)}
+    server_port = server.getsockname()[1]
+    rows = {
+        row["local_port"]: row
+        for row in rows_of(tmp_path, "connections", client_port, server_port)
+    }
     outbound = rows[client_port]
     inbound = rows[server.getsockname()[1]]
 
@@ -114,7 +120,7 @@ def test_sampled_connection_gets_close_time(source, server, tmp_path):
     accepted.close()
     collector.wait()
 
-    rows = rows_of(tmp_path, "connections", client_port)
+    rows = rows_of(tmp_path, "connections", client_port, server.getsockname()[1])
 
     assert len(rows) == 2
     for row in rows:
@@ -180,7 +186,7 @@ def test_without_net_admin_polling_goes_on(peers, server, tmp_path):
     stderr = collector.wait()
 
     live = query_json(tmp_path, f"SELECT * FROM connections WHERE pid = {client.pid}")
-    short = rows_of(tmp_path, "connections", short_port)
+    short = rows_of(tmp_path, "connections", short_port, server.getsockname()[1])
 
     (row,) = live
     assert row["detected_by"] == "live"
