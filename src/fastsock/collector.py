@@ -6,14 +6,14 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from fastsock.dependencies import DependencyModel
 from fastsock.errors import StoreError
 from fastsock.flows import DEFAULT_BUCKET_SECONDS
 from fastsock.lifetimes import LifetimeTracker
-from fastsock.netlink import counter_columns
+from fastsock.netlink import COUNTER_COLUMNS
 from fastsock.records import process_keys, process_records, socket_keys, socket_records
 from fastsock.snapshot import Snapshotter, SnapshotStats
 from fastsock.stats import StatsMeter, count_tcp_connections
@@ -88,30 +88,59 @@ class Collector:
         )
         self._unwritten_stats = []
 
+        # Processes holding the latest sample's sockets, and the attributor's
+        # generation when they were found (see _observe_processes).
+        self._holders: pa.Table | None = None
+        self._holders_generation = -1
+
     def sample(self) -> None:
-        """Take one snapshot and fold it into the lifetimes."""
+        """Take one snapshot and fold it into the lifetimes.
+
+        Only the rows of sockets that were not open in the previous sample are
+        attributed, joined to their owners and handed to the lifetime tracker:
+        a socket's record keeps the columns of its first sight anyway, and
+        the state and counters of open sockets are read from NumPy columns.
+        """
         stats = SnapshotStats()
-        table = self.snapshotter.take(stats)
+        started = time.perf_counter()
+        stats.time_us = time.time_ns() // 1000
+        sockets = self.snapshotter.read_sockets(stats)
 
         # Rows with inode 0 (TIME_WAIT, SYN_RECV) have no socket of their own.
-        live = table.filter(pc.not_equal(table.column("inode"), 0))
-        live = self.dependencies.observe(table, live, stats.time_us)
-        opened = self.sockets.observe(
-            socket_keys(live),
-            live,
-            stats.time_us,
-            state=live.column("state_code").to_numpy(),
-            latest=counter_columns(live),
-        )
-        processes = self.snapshotter.attributor.processes()
-        self.processes.observe(process_keys(processes), processes, stats.time_us)
+        inodes = sockets.column("inode").to_numpy()
+        live_rows = np.flatnonzero(inodes != 0)
+        keys = socket_keys(sockets)[live_rows]
+        positions = self.sockets.find(keys)
+        new = np.flatnonzero(positions < 0)
 
+        # The snapshot of this sample: rows with inode 0 and new sockets.
+        picked = np.sort(np.concatenate([np.flatnonzero(inodes == 0), live_rows[new]]))
+        table = self.snapshotter.attribute(sockets.take(pa.array(picked)))
+        fresh = table.filter(pa.array(table.column("inode").to_numpy() != 0))
+        fresh = self.dependencies.observe(table, fresh, stats.time_us)
+
+        def fresh_rows(indices: np.ndarray) -> pa.Table:
+            # indices are positions in keys, all among new, in fresh's order.
+            return fresh.take(pa.array(np.searchsorted(new, indices), pa.int64()))
+
+        opened = self.sockets.observe(
+            keys,
+            fresh_rows,
+            stats.time_us,
+            state=sockets.column("state_code").to_numpy()[live_rows],
+            latest=latest_counters(sockets, live_rows),
+            positions=positions,
+        )
+        self._observe_processes(inodes[live_rows], stats.time_us, opened)
+
+        stats.duration_s = time.perf_counter() - started
+        opened_rows = np.searchsorted(new, self.sockets.opened_in_last_observe)
         self.meter.add_sample(
             stats.time_us,
             stats.duration_s,
             stats.tables.rows,
             stats.tables.skipped_total,
-            count_tcp_connections(live, self.sockets.opened_in_last_observe),
+            count_tcp_connections(fresh, opened_rows),
         )
         if self.closes is not None:
             unseen = self.closes.process(self.sockets, stats.time_us)
@@ -120,12 +149,35 @@ class Collector:
 
         status = self.status
         status.samples += 1
-        status.sockets = stats.sockets
+        status.sockets = sockets.num_rows
         status.opened += opened
         status.open_connections = len(self.sockets)
         status.last_sample_ms = stats.duration_s * 1000
         status.skipped_rows += stats.tables.skipped_total
-        status.unattributed = stats.unattributed
+        status.unattributed = len(inodes) - len(live_rows) + self._unattributed_open()
+
+    def _observe_processes(self, inodes: np.ndarray, time_us: int, opened: int) -> None:
+        """Fold the processes that hold the sample's sockets into their lifetimes.
+
+        The holders change only when a socket opens or closes or when the
+        attributor's pairs change, so other samples reuse the last table.
+        """
+        attributor = self.snapshotter.attributor
+        changed = (
+            opened
+            or self.sockets.closed_in_last_observe is not None
+            or attributor.generation != self._holders_generation
+            or self._holders is None
+        )
+        if changed:
+            self._holders = attributor.processes_of(inodes)
+            self._holders_generation = attributor.generation
+        self.processes.observe(process_keys(self._holders), self._holders, time_us)
+
+    def _unattributed_open(self) -> int:
+        """Return how many open sockets had no owner at their first sight."""
+        _keys, rows = self.sockets.open_rows()
+        return 0 if rows is None else rows.column("pid").null_count
 
     def flush(self) -> bool:
         """Store what closed and a checkpoint of what is open; True on success.
@@ -251,3 +303,20 @@ def merge_records(drained: pa.Table, extra: pa.Table | None) -> pa.Table:
     if extra is None:
         return drained
     return pa.concat_tables([drained, extra], promote_options="default")
+
+
+def latest_counters(sockets: pa.Table, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """Return the counter columns at rows as int64 arrays, with -1 for NULL.
+
+    The proc source has no counters: its all-NULL columns cost no conversion.
+    """
+    counters = {}
+    for name in COUNTER_COLUMNS:
+        if name not in sockets.column_names:
+            continue
+        column = sockets.column(name)
+        if column.null_count == len(column):
+            counters[name] = np.full(len(rows), -1, dtype=np.int64)
+        else:
+            counters[name] = column.fill_null(-1).to_numpy()[rows]
+    return counters

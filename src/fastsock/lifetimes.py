@@ -7,11 +7,18 @@ closed since the last drain plus a checkpoint of everything still open, so
 long-lived entities are stored while they live.
 
 All work is vectorised over NumPy and Arrow columns: the cost of a sample with
-no changes is one sorted search of its keys.
+no changes is one hash probe per key (``_keyindex``), and the caller may pass
+only the rows of the keys that are not open yet (see ``observe``).
 """
+
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
+
+from fastsock.core import load_extension
+
+_keyindex = load_extension("_keyindex")
 
 class LifetimeTracker:
     """Track entities across samples by key.
@@ -28,6 +35,8 @@ class LifetimeTracker:
         self._last_seen = np.empty(0, dtype=np.int64)
         self._state = np.empty(0, dtype=np.int8)
         self._closed_parts: list[pa.Table] = []
+        # Hash index of _keys, built on the first find() after they change.
+        self._index = None
 
         # Columns kept from the latest sample, by name (see observe's latest).
         self._latest: dict[str, np.ndarray] = {}
@@ -44,40 +53,48 @@ class LifetimeTracker:
         """Keys of the entities seen in the latest sample, sorted."""
         return self._keys
 
+    def find(self, keys: np.ndarray) -> np.ndarray:
+        """Return the index of each key among the open entities, or -1 if not open."""
+        if self._index is None:
+            self._index = _keyindex.KeyIndex(self._keys)
+        return self._index.find(np.ascontiguousarray(keys, dtype=np.int64))
+
     def observe(
         self,
         keys: np.ndarray,
-        rows: pa.Table,
+        rows: "pa.Table | Callable[[np.ndarray], pa.Table]",
         time_us: int,
         state: np.ndarray | None = None,
         latest: dict[str, np.ndarray] | None = None,
+        positions: np.ndarray | None = None,
     ) -> int:
         """Record one sample and return how many entities it opened.
 
-        A key repeated within the sample counts once. latest maps column names of
-        rows to int64 arrays, one value per row, that replace the first-seen
-        value in the records (counters that grow while a socket lives). A
-        negative value is stored as NULL. Pass the same names at every call.
+        A key repeated within the sample counts once. rows is a table with one
+        row per key, or a function that returns the rows of the keys at the
+        given indices, which observe calls once per sample, with an empty
+        array on the first sample. latest maps column names of rows to int64
+        arrays, one value per key, that replace the first-seen value in the
+        records (counters that grow while a socket lives). A negative value is
+        stored as NULL. Pass the same names at every call. positions is the
+        output of find(keys), for a caller that already has it.
         """
         keys = np.asarray(keys, dtype=np.int64)
         if state is None:
             state = np.zeros(len(keys), dtype=np.int8)
+        if not callable(rows):
+            rows = _taker(rows)
         if self._rows is None:
-            self._rows = rows.slice(0, 0)
+            self._rows = rows(np.empty(0, dtype=np.int64))
             self._latest = {
                 name: np.empty(0, dtype=np.int64) for name in (latest or {})
             }
         latest = {name: np.asarray(latest[name]) for name in self._latest}
         self.closed_in_last_observe = None
 
-        position = np.searchsorted(self._keys, keys)
-        position_in_range = np.minimum(position, max(len(self._keys) - 1, 0))
-        if len(self._keys):
-            known = self._keys[position_in_range] == keys
-        else:
-            known = np.zeros(len(keys), dtype=bool)
-
-        matched = position_in_range[known]
+        position = self.find(keys) if positions is None else positions
+        known = position >= 0
+        matched = position[known]
         self._last_seen[matched] = time_us
         self._state[matched] = state[known]
         for name, values in latest.items():
@@ -93,7 +110,7 @@ class LifetimeTracker:
         if len(new):
             for name, values in latest.items():
                 self._latest[name] = np.concatenate([self._latest[name], values[new]])
-            self._open(keys[new], rows.take(pa.array(new)), time_us, state[new])
+            self._open(keys[new], rows(new), time_us, state[new])
         return len(new)
 
     def open_rows(self) -> tuple[np.ndarray, pa.Table | None]:
@@ -152,6 +169,7 @@ class LifetimeTracker:
     def _select(self, indices: np.ndarray) -> None:
         self._rows = self._rows.take(pa.array(indices, pa.int64()))
         self._keys = self._keys[indices]
+        self._index = None
         self._first_seen = self._first_seen[indices]
         self._last_seen = self._last_seen[indices]
         self._state = self._state[indices]
@@ -199,6 +217,15 @@ class LifetimeTracker:
     def close_all(self) -> None:
         """Forget open entities without marking them closed (collection stops)."""
         self._select(np.empty(0, dtype=np.int64))
+
+
+def _taker(rows: pa.Table) -> Callable[[np.ndarray], pa.Table]:
+    """Return a function that takes the rows at given indices from rows."""
+
+    def take(indices: np.ndarray) -> pa.Table:
+        return rows.take(pa.array(indices, pa.int64()))
+
+    return take
 
 
 def _first_of_each_key(keys: np.ndarray, rows: np.ndarray) -> np.ndarray:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from fastsock.core import load_extension
 from fastsock.errors import CoreNotBuiltError
 from fastsock.procfs import resolve_proc_root
 from fastsock.schema import TIMESTAMP
@@ -35,6 +36,8 @@ except ImportError as error:
         "the compiled fd walk fastsock._fdscan cannot be imported. Build it with "
         "'python setup.py build_ext --inplace' in the source tree"
     ) from error
+
+_keyindex = load_extension("_keyindex")
 
 logger = logging.getLogger(__name__)
 
@@ -481,6 +484,9 @@ class Attributor:
         self._reader = ProcessReader(self.proc_root, self._stats)
         self._warned_partial = False
 
+        # Counts changes of the cached pairs: walks and the exits of holders.
+        self.generation = 0
+
     @property
     def stats(self) -> dict[str, int]:
         """Counters summed over this Attributor's life (see STAT_COUNTERS)."""
@@ -524,6 +530,17 @@ class Attributor:
             ],
             schema=PROCESS_SCHEMA,
         )
+
+    def processes_of(self, inodes: np.ndarray) -> pa.Table:
+        """Return the processes that hold any of inodes, as processes() does.
+
+        Reads the cached pairs and walks no fd links, so call resolve() first
+        for inodes that may be new. Makes the result the next processes().
+        """
+        inodes = as_inode_array(inodes)
+        held = _keyindex.KeyIndex(inodes).find(self._holders.inodes) >= 0
+        self._lookup_processes(np.unique(self._holders.pids[held]))
+        return self.processes()
 
     def _build_table(self, distinct: np.ndarray) -> pa.Table:
         first, counts = self._holders.find(distinct)
@@ -630,6 +647,7 @@ class Attributor:
         if exited.size:
             logger.debug("forgetting the sockets of exited pids %s", exited.tolist())
             self._holders.drop_pids(exited)
+            self.generation += 1
 
         cached = np.fromiter(self._processes, dtype=np.int64)
         for pid in cached[~np.isin(cached, live)].tolist():
@@ -670,6 +688,7 @@ class Attributor:
         self._verified.clear()
 
         self._stats["full_walks"] += 1
+        self.generation += 1
         self._count_scan(scan)
         self._warn_if_partial(scan)
 
@@ -688,6 +707,7 @@ class Attributor:
         self._verified.difference_update(changed.tolist())
 
         self._stats["partial_walks"] += 1
+        self.generation += 1
         self._stats["processes_unchanged"] += int(pids.size - changed.size)
         self._count_scan(scan)
         self._warn_if_partial(scan)

@@ -6,7 +6,7 @@ import pyarrow.compute as pc
 
 from fastsock import schema
 from fastsock.identity import combine, text_id
-from fastsock.sockets import decode_states, is_listening
+from fastsock.sockets import PROTOCOL_SCALARS, decode_states, is_listening
 
 
 def socket_keys(sockets: pa.Table) -> np.ndarray:
@@ -19,7 +19,8 @@ def socket_keys(sockets: pa.Table) -> np.ndarray:
     namespaces stay apart even if an inode repeated.
     """
     inode = sockets.column("inode").to_numpy()
-    is_udp = pc.equal(sockets.column("protocol"), "udp").to_numpy(zero_copy_only=False)
+    udp = PROTOCOL_SCALARS["udp"]
+    is_udp = pc.equal(sockets.column("protocol"), udp).to_numpy(zero_copy_only=False)
     key = inode * 2 + is_udp
     if "netns" not in sockets.column_names:
         return key

@@ -118,6 +118,20 @@ class Snapshotter:
         started = time.perf_counter()
         stats.time_us = time.time_ns() // 1000
 
+        table = self.attribute(self.read_sockets(stats))
+
+        stats.sockets = table.num_rows
+        stats.unattributed = table.column("pid").null_count
+        stats.duration_s = time.perf_counter() - started
+        return table
+
+    def read_sockets(self, stats: SnapshotStats) -> pa.Table:
+        """Return the current sockets without owners, counting the read in stats.
+
+        The table has the socket columns, the netlink columns (NULL with the
+        proc source) and netns. Its string columns point into the parser's
+        buffers, so building it copies no text.
+        """
         if self.netlink is not None:
             sockets = self.netlink.read(stats.tables)
         elif self.namespaces is not None:
@@ -130,13 +144,12 @@ class Snapshotter:
             sockets = with_diag_columns(sockets)
         if "netns" not in sockets.column_names:
             sockets = with_netns(sockets, self.netns)
-        owners = self.attributor.resolve(sockets.column("inode").to_numpy())
-        table = join_owners(sockets, owners)
+        return sockets
 
-        stats.sockets = table.num_rows
-        stats.unattributed = table.column("pid").null_count
-        stats.duration_s = time.perf_counter() - started
-        return table
+    def attribute(self, sockets: pa.Table) -> pa.Table:
+        """Append the OWNER_COLUMNS of each row's inode to sockets."""
+        owners = self.attributor.resolve(sockets.column("inode").to_numpy())
+        return join_owners(sockets, owners)
 
 
 def join_owners(sockets: pa.Table, owners: pa.Table) -> pa.Table:

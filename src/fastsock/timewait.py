@@ -25,7 +25,7 @@ from fastsock import schema
 from fastsock.direction import INBOUND, ListenerHistory
 from fastsock.identity import combine, text_id
 from fastsock.records import NO_HOLDER
-from fastsock.sockets import decode_states
+from fastsock.sockets import PROTOCOL_SCALARS, decode_states
 from fastsock.textids import TextIds
 
 DETECTED_BY = "time_wait"
@@ -66,8 +66,8 @@ def closing_rows(sockets: pa.Table) -> pa.Table:
     """Return the TCP rows of a snapshot that have inode 0 and a closing state."""
     mask = pc.and_(
         pc.and_(
-            pc.equal(sockets.column("inode"), 0),
-            pc.equal(sockets.column("protocol"), "tcp"),
+            pc.equal(sockets.column("inode"), pa.scalar(0, pa.int64())),
+            pc.equal(sockets.column("protocol"), PROTOCOL_SCALARS["tcp"]),
         ),
         pc.is_in(sockets.column("state_code"), value_set=CLOSING_STATES),
     )

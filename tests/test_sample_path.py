@@ -1,0 +1,79 @@
+"""The steady-state sample: known sockets skip attribution and row building."""
+
+import numpy as np
+import pyarrow as pa
+
+from fastsock import _keyindex
+from fastsock.collector import Collector
+from fastsock.lifetimes import LifetimeTracker
+from fastsock.snapshot import Snapshotter
+from fastsock.store import ParquetStore
+
+
+def test_key_index_finds_positions():
+    keys = np.array([7, -3, 2**62, 0, 7], dtype=np.int64)
+    index = _keyindex.KeyIndex(keys)
+
+    found = index.find(np.array([0, 7, 2**62, -3, 5, -7], dtype=np.int64))
+
+    assert found.tolist() == [3, 0, 2, 1, -1, -1]
+    assert index.size == 5
+
+
+def test_key_index_empty():
+    index = _keyindex.KeyIndex(np.empty(0, dtype=np.int64))
+
+    assert index.find(np.array([0, 1], dtype=np.int64)).tolist() == [-1, -1]
+
+
+def test_tracker_asks_rows_of_new_keys_only():
+    tracker = LifetimeTracker()
+    requested = []
+
+    def rows_of(keys):
+        def take(indices):
+            requested.append(keys[indices].tolist())
+            names = [f"k{key}" for key in keys[indices]]
+            return pa.table({"name": pa.array(names, pa.string())})
+
+        return take
+
+    first = np.array([10, 20, 30], dtype=np.int64)
+    second = np.array([30, 40, 10], dtype=np.int64)
+    assert tracker.observe(first, rows_of(first), 1) == 3
+    assert tracker.observe(second, rows_of(second), 2) == 1
+
+    assert requested == [[], [10, 20, 30], [40]]
+    drained = tracker.drain().to_pydict()
+    closed = dict(zip(drained["key"], drained["closed"]))
+    assert closed == {20: True, 10: False, 30: False, 40: False}
+    names = dict(zip(drained["key"], drained["name"]))
+    assert names[40] == "k40"
+
+
+def test_steady_sample_resolves_new_inodes_only(peers, tmp_path):
+    server = peers("server", "--bind", "127.0.0.1", "--name", "fs-steady-s")
+    collector = Collector(Snapshotter(), ParquetStore(tmp_path))
+    collector.sample()
+    attributor = collector.snapshotter.attributor
+    requested_before = attributor.stats["inodes_requested"]
+
+    collector.sample()
+    assert attributor.stats["inodes_requested"] == requested_before
+
+    client = peers("client", "--connect", "127.0.0.1", str(server.info["port"]),
+                   "--name", "fs-steady-c")
+    collector.sample()
+    assert attributor.stats["inodes_requested"] > requested_before
+
+    _keys, rows = collector.sockets.open_rows()
+    by_port = {}
+    for row in rows.select(["local_port", "remote_port", "comm"]).to_pylist():
+        by_port[(row["local_port"], row["remote_port"])] = row["comm"]
+    client_port = client.info["ports"][0]
+    assert by_port[(client_port, server.info["port"])] == "fs-steady-c"
+    assert by_port[(server.info["port"], client_port)] == "fs-steady-s"
+
+    holders = collector.processes.open_rows()[1].column("pid").to_pylist()
+    assert server.pid in holders
+    assert client.pid in holders
