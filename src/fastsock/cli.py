@@ -6,6 +6,7 @@ import os
 import signal
 import sys
 import threading
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -79,6 +80,67 @@ class OutputFormat(str, Enum):
     parquet = "parquet"
 
 
+IntervalOption = Annotated[
+    Optional[float],
+    typer.Option(
+        help="Seconds between snapshots; fractions allowed (0.05 is 20 per "
+        "second). Default: 0.2.",
+        min=0.001,
+    ),
+]
+FlushIntervalOption = Annotated[
+    Optional[float],
+    typer.Option(
+        help="Seconds between writes of Parquet files; a crash loses at most "
+        "this. Default: 10.",
+        min=0.1,
+    ),
+]
+NodeNameOption = Annotated[
+    Optional[str],
+    typer.Option(
+        help="Name stored in the host column and shown in the node column of "
+        "federated results. Default: the hostname."
+    ),
+]
+SourceOption = Annotated[
+    SocketSource,
+    typer.Option(
+        help="Where snapshots read the sockets: proc (/proc/net text tables) or "
+        "netlink (sock_diag dumps, which add the socket cookie and TCP byte, "
+        "RTT and retransmit counters)."
+    ),
+]
+CloseEventsOption = Annotated[
+    bool,
+    typer.Option(
+        "--close-events/--no-close-events",
+        help="Also record every socket the kernel reports closed, even one that "
+        "lived less than one interval (needs CAP_NET_ADMIN; without it fastsock "
+        "says so once and polls on).",
+    ),
+]
+AllNetnsOption = Annotated[
+    bool,
+    typer.Option(
+        "--all-netns",
+        help="Read the sockets of every network namespace that a process runs "
+        "in, through /proc/<pid>/net of one process per namespace; each "
+        "namespace adds one read of the socket tables to every snapshot. "
+        "Default: only the namespace fastsock runs in.",
+    ),
+]
+BucketOption = Annotated[
+    int,
+    typer.Option(
+        "--bucket",
+        help="Width of a flows bucket in seconds: dependency edges are counted "
+        "per bucket. Must divide 3600 (10, 60, 300, ...).",
+        show_default=True,
+    ),
+]
+
+
 def _data_dir(data_dir: Optional[Path]) -> Path:
     from fastsock.store import default_data_dir
 
@@ -113,14 +175,7 @@ def main_options(
 
 @app.command()
 def collect(
-    interval: Annotated[
-        float,
-        typer.Option(
-            help="Seconds between snapshots; fractions allowed (0.05 is 20 per "
-            "second). Default: 0.2.",
-            min=0.001,
-        ),
-    ] = None,
+    interval: IntervalOption = None,
     duration: Annotated[
         Optional[float],
         typer.Option(help="Stop after this many seconds. Default: run until Ctrl-C."),
@@ -128,102 +183,28 @@ def collect(
     once: Annotated[
         bool, typer.Option("--once", help="Take one snapshot, store it and exit.")
     ] = False,
-    flush_interval: Annotated[
-        float,
-        typer.Option(
-            help="Seconds between writes of Parquet files; a crash loses at most "
-            "this. Default: 10.",
-            min=0.1,
-        ),
-    ] = None,
+    flush_interval: FlushIntervalOption = None,
     data_dir: DataDirOption = None,
     proc_root: ProcRootOption = None,
-    node_name: Annotated[
-        Optional[str],
-        typer.Option(help="Name stored in the host column. Default: the hostname."),
-    ] = None,
+    node_name: NodeNameOption = None,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="Print no status line.")
     ] = False,
-    source: Annotated[
-        SocketSource,
-        typer.Option(
-            help="Where snapshots read the sockets: proc (/proc/net text tables) or "
-            "netlink (sock_diag dumps, which add the socket cookie and TCP byte, "
-            "RTT and retransmit counters)."
-        ),
-    ] = SocketSource.proc,
-    close_events: Annotated[
-        bool,
-        typer.Option(
-            "--close-events/--no-close-events",
-            help="Also record every socket the kernel reports closed, even one that "
-            "lived less than one interval (needs CAP_NET_ADMIN; without it fastsock "
-            "says so once and polls on).",
-        ),
-    ] = True,
-    all_netns: Annotated[
-        bool,
-        typer.Option(
-            "--all-netns",
-            help="Read the sockets of every network namespace that a process runs "
-            "in, through /proc/<pid>/net of one process per namespace; each "
-            "namespace adds one read of the socket tables to every snapshot. "
-            "Default: only the namespace fastsock runs in.",
-        ),
-    ] = False,
-    bucket: Annotated[
-        int,
-        typer.Option(
-            "--bucket",
-            help="Width of a flows bucket in seconds: dependency edges are counted "
-            "per bucket. Must divide 3600 (10, 60, 300, ...).",
-            show_default=True,
-        ),
-    ] = 60,
+    source: SourceOption = SocketSource.proc,
+    close_events: CloseEventsOption = True,
+    all_netns: AllNetnsOption = False,
+    bucket: BucketOption = 60,
 ) -> None:
     """Record this machine's sockets and their processes to Parquet.
 
     Example: fastsock collect --interval 0.1 --duration 10 --data-dir ./data
     """
-    from fastsock.collector import DEFAULT_FLUSH_INTERVAL, DEFAULT_INTERVAL, Collector
-    from fastsock.flows import validate_bucket_seconds
-    from fastsock.snapshot import Snapshotter
-    from fastsock.store import ParquetStore
-
-    interval = DEFAULT_INTERVAL if interval is None else interval
-    flush_interval = DEFAULT_FLUSH_INTERVAL if flush_interval is None else flush_interval
-    _check_seconds("--interval", interval)
-    _check_seconds("--flush-interval", flush_interval)
-    if duration is not None:
-        _check_seconds("--duration", duration)
-    if data_dir is not None and not str(data_dir).strip():
-        raise _fail("--data-dir is empty; pass a directory path", 2)
-    directory = _data_dir(data_dir)
-    try:
-        validate_bucket_seconds(bucket)
-    except ValueError as error:
-        raise _fail(str(error), 2)
-    try:
-        snapshotter = Snapshotter(proc_root, host=node_name, source=source.value)
-        if all_netns:
-            snapshotter.read_all_netns()
-        store = ParquetStore(directory)
-        store.check_writable()
-        removed = store.remove_stale_temp_files()
-    except (FastsockError, OSError) as error:
-        raise _fail(str(error))
-    except ValueError as error:
-        raise _fail(str(error), 2)
-    if removed:
-        log.warning("removed %d temporary files left by an interrupted writer", removed)
-
-    closes = _close_recorder(
-        close_events and not once and _reads_own_namespace(snapshotter),
-        source,
-        snapshotter.netns,
+    settings = _collect_settings(
+        interval, flush_interval, duration, data_dir, proc_root, node_name, source,
+        close_events and not once, all_netns, bucket,
     )
-    collector = Collector(snapshotter, store, closes, bucket_seconds=bucket)
+    collector, directory = settings.collector, settings.directory
+    interval, flush_interval = settings.interval, settings.flush_interval
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, lambda *_: stop.set())
@@ -249,6 +230,61 @@ def collect(
         typer.echo(status.line(), err=True)
     if status.failed_flushes and not collector.flush():
         raise _fail(f"could not store every record in {directory}; see the log above")
+
+
+@dataclass
+class CollectSettings:
+    """A collector ready to run, with the resolved options of collect and agent."""
+
+    collector: "Collector"
+    directory: Path
+    interval: float
+    flush_interval: float
+
+
+def _collect_settings(
+    interval, flush_interval, duration, data_dir, proc_root, node_name, source,
+    close_events, all_netns, bucket,
+) -> CollectSettings:
+    """Check the collection options and build the collector, or exit with the error."""
+    from fastsock.collector import DEFAULT_FLUSH_INTERVAL, DEFAULT_INTERVAL, Collector
+    from fastsock.flows import validate_bucket_seconds
+    from fastsock.snapshot import Snapshotter
+    from fastsock.store import ParquetStore
+
+    interval = DEFAULT_INTERVAL if interval is None else interval
+    flush_interval = DEFAULT_FLUSH_INTERVAL if flush_interval is None else flush_interval
+    _check_seconds("--interval", interval)
+    _check_seconds("--flush-interval", flush_interval)
+    if duration is not None:
+        _check_seconds("--duration", duration)
+    if data_dir is not None and not str(data_dir).strip():
+        raise _fail("--data-dir is empty; pass a directory path", 2)
+    directory = _data_dir(data_dir)
+    try:
+        validate_bucket_seconds(bucket)
+    except ValueError as error:
+        raise _fail(str(error), 2)
+
+    try:
+        snapshotter = Snapshotter(proc_root, host=node_name, source=source.value)
+        if all_netns:
+            snapshotter.read_all_netns()
+        store = ParquetStore(directory)
+        store.check_writable()
+        removed = store.remove_stale_temp_files()
+    except (FastsockError, OSError) as error:
+        raise _fail(str(error))
+    except ValueError as error:
+        raise _fail(str(error), 2)
+    if removed:
+        log.warning("removed %d temporary files left by an interrupted writer", removed)
+
+    closes = _close_recorder(
+        close_events and _reads_own_namespace(snapshotter), source, snapshotter.netns
+    )
+    collector = Collector(snapshotter, store, closes, bucket_seconds=bucket)
+    return CollectSettings(collector, directory, interval, flush_interval)
 
 
 def _check_seconds(option: str, seconds: float) -> None:
@@ -535,25 +571,13 @@ def agent(
     listen: ListenOption = DEFAULT_LISTEN,
     data_dir: DataDirOption = None,
     proc_root: ProcRootOption = None,
-    node_name: Annotated[
-        Optional[str],
-        typer.Option(
-            help="Name stored in the host column and shown in the node column. "
-            "Default: the hostname."
-        ),
-    ] = None,
-    interval: Annotated[
-        float,
-        typer.Option(help="Seconds between snapshots; fractions allowed.", min=0.001),
-    ] = None,
-    flush_interval: Annotated[
-        float,
-        typer.Option(
-            help="Seconds between writes of Parquet files; a crash loses at most "
-            "this. Default: 10.",
-            min=0.1,
-        ),
-    ] = None,
+    node_name: NodeNameOption = None,
+    interval: IntervalOption = None,
+    flush_interval: FlushIntervalOption = None,
+    source: SourceOption = SocketSource.proc,
+    close_events: CloseEventsOption = True,
+    all_netns: AllNetnsOption = False,
+    bucket: BucketOption = 60,
     token_file: TokenFileOption = None,
     tls_cert: TlsCertOption = None,
     tls_key: TlsKeyOption = None,
@@ -564,36 +588,25 @@ def agent(
 ) -> None:
     """Collect this machine's sockets and serve them, in one process.
 
-    Runs `fastsock collect` (snapshots from /proc) in a thread and `fastsock
-    serve` on --listen, until SIGINT or SIGTERM; then it stops serving and
-    flushes what the collector holds.
+    Runs `fastsock collect` in a thread, with the same collection options, and
+    `fastsock serve` on --listen, until SIGINT or SIGTERM; then it stops
+    serving and flushes what the collector holds.
 
     Example: fastsock agent --listen 127.0.0.1:7433 --data-dir ./data --interval 0.2
     """
     from fastsock.agent import CollectConfig
-    from fastsock.collector import DEFAULT_FLUSH_INTERVAL, DEFAULT_INTERVAL, Collector
-    from fastsock.snapshot import Snapshotter
-    from fastsock.store import ParquetStore
 
-    directory = _data_dir(data_dir)
-    try:
-        snapshotter = Snapshotter(proc_root, host=node_name)
-        store = ParquetStore(directory)
-        store.check_writable()
-        removed = store.remove_stale_temp_files()
-    except (FastsockError, OSError) as error:
-        raise _fail(str(error))
-    if removed:
-        log.warning("removed %d temporary files left by an interrupted writer", removed)
-
+    settings = _collect_settings(
+        interval, flush_interval, None, data_dir, proc_root, node_name, source,
+        close_events, all_netns, bucket,
+    )
     collect = CollectConfig(
-        Collector(snapshotter, store),
-        DEFAULT_INTERVAL if interval is None else interval,
-        DEFAULT_FLUSH_INTERVAL if flush_interval is None else flush_interval,
+        settings.collector, settings.interval, settings.flush_interval
     )
     _run_agent(
-        listen, directory, snapshotter.host, token_file, tls_cert, tls_key, tls_ca,
-        peers, max_rows, max_query_seconds, collect=collect,
+        listen, settings.directory, settings.collector.snapshotter.host, token_file,
+        tls_cert, tls_key, tls_ca, peers, max_rows, max_query_seconds,
+        collect=collect,
     )
 
 
