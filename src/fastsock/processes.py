@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from fastsock import schema
 from fastsock.core import load_extension
 from fastsock.errors import CoreNotBuiltError
 from fastsock.procfs import resolve_proc_root
@@ -55,27 +56,12 @@ MAX_LOGGED_PARSE_ERRORS = 10
 STAT_PPID_INDEX = 4 - 3
 STAT_STARTTIME_INDEX = 22 - 3
 
-RESOLVED_SCHEMA = pa.schema(
-    [
-        pa.field("inode", pa.int64()),
-        pa.field("pid", pa.int32()),
-        pa.field("pids", pa.list_(pa.int32())),
-        pa.field("comm", pa.string()),
-        pa.field("exe", pa.string()),
-        pa.field("cmdline", pa.string()),
-        pa.field("process_start", TIMESTAMP),
-    ]
-)
+RESOLVED_SCHEMA = pa.schema([pa.field("inode", pa.int64()), *schema.PROCESS_FIELDS])
 
 PROCESS_SCHEMA = pa.schema(
     [
-        pa.field("pid", pa.int32()),
-        pa.field("ppid", pa.int32()),
-        pa.field("comm", pa.string()),
-        pa.field("exe", pa.string()),
-        pa.field("cmdline", pa.string()),
-        pa.field("uid", pa.int64()),
-        pa.field("start_time", TIMESTAMP),
+        schema.PROCESSES.field(name)
+        for name in ("pid", "ppid", "comm", "exe", "cmdline", "uid", "start_time")
     ]
 )
 
