@@ -487,3 +487,30 @@ def test_external_server_is_address_node():
     assert "7 connections" in text
     assert clients.startswith("203.0.113.9:5432 (not in the data)")
     assert "<-- app (pid 5)" in clients
+
+
+def test_connections_without_process_stay_apart():
+    """Unattributed ends are leaves named by endpoint, never one shared node."""
+    web = {"comm": "web", "pid": 1, "service": "/bin/web"}
+    db = {"comm": "db", "pid": 3, "service": "/bin/db"}
+    flows = flow_rows(
+        [
+            {**web, "direction": "outbound", "local_addr": "127.0.0.1",
+             "remote_addr": "127.0.0.1", "remote_port": 9502},
+            {"direction": "inbound", "local_addr": "127.0.0.1", "local_port": 9502,
+             "remote_addr": "127.0.0.1"},
+            {"direction": "outbound", "local_addr": "127.0.0.1",
+             "remote_addr": "127.0.0.1", "remote_port": 9503},
+            {**db, "direction": "inbound", "local_addr": "127.0.0.1", "local_port": 9503,
+             "remote_addr": "127.0.0.1"},
+        ]
+    )
+    graph = build_graph(flows)
+
+    text = render(dependency_tree(graph, "web", depth=5, direction="out"), "tree")
+    dot = render(dependency_tree(graph, "web", depth=5, direction="out"), "dot")
+
+    assert "--> (no process) at 127.0.0.1:9502" in text
+    assert "db" not in text
+    assert "cycle" not in text
+    assert "n0 -> n0" not in dot

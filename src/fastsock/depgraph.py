@@ -39,8 +39,11 @@ FLOW_KEYS = [
 class Node:
     """A service on one host and namespace, or a peer address outside the data.
 
-    service is NULL for connections without a process (TIME_WAIT detections);
-    address is set only for a peer that no host in the data owns.
+    service and comm are NULL for connections without a process (TIME_WAIT
+    detections, close events of unseen sockets). Such a node is named by its
+    local endpoint, so unrelated connections without a process do not merge
+    into one node. address is set only for a peer that no host in the data
+    owns.
     """
 
     host: str | None = None
@@ -48,10 +51,16 @@ class Node:
     service: str | None = None
     comm: str | None = None
     address: str | None = None
+    endpoint: str | None = None
 
     @property
     def is_process(self) -> bool:
         return self.address is None
+
+    @property
+    def has_process(self) -> bool:
+        """Return whether a known process stands behind the node."""
+        return self.is_process and (self.service is not None or self.comm is not None)
 
 
 @dataclass
@@ -207,6 +216,10 @@ class DependencyGraph:
     def _child(self, node, depth, path, inbound: bool) -> TreeNode:
         if node in path:
             return TreeNode(node, sorted(self.pids.get(node, ())), repeated=True)
+        if not node.has_process:
+            # An address or a connection without a process is a leaf: its
+            # other edges belong to unrelated processes.
+            return TreeNode(node, sorted(self.pids.get(node, ())))
         return self._expand(node, depth - 1, path | {node}, inbound, not inbound)
 
     def _index(self) -> None:
@@ -292,6 +305,12 @@ def aggregate_flows(flows: pa.Table) -> list[dict]:
 
 
 def _process_node(row: dict) -> Node:
+    if row["service"] is None and row["comm"] is None:
+        port = row["local_port"]
+        endpoint = row["local_addr"]
+        if port is not None:
+            endpoint = format_endpoint(row["local_addr"], port)
+        return Node(row["host"], row["netns"], endpoint=endpoint)
     return Node(row["host"], row["netns"], row["service"], row["comm"])
 
 

@@ -34,8 +34,10 @@ def node_label(node: Node, pids: list[int], show_host: bool) -> str:
     if not node.is_process:
         return f"{node.address} (not in the data)"
 
-    if node.service is None and node.comm is None:
+    if not node.has_process:
         label = "(no process)"
+        if node.endpoint is not None:
+            label += f" at {node.endpoint}"
     else:
         label = node.comm or node.service
         if pids:
@@ -145,6 +147,7 @@ def _node_dict(node: Node, pids: list[int]) -> dict:
         "netns": node.netns,
         "comm": node.comm,
         "service": node.service,
+        "endpoint": node.endpoint,
         "pids": pids,
     }
 
