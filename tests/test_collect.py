@@ -339,3 +339,24 @@ def test_foreign_proc_root_reads_host_namespace(peers, tmp_path):
 
     assert result.returncode == 0, result.stderr
     assert server.info["port"] in json.loads(result.stdout)
+
+
+def test_second_collector_of_host_rejected(tmp_path):
+    first = subprocess.Popen(
+        [sys.executable, "-m", "fastsock", "collect", "--quiet", "--node-name", "same",
+         "--flush-interval", "0.2", "--data-dir", str(tmp_path)],
+        stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        wait_for_files(tmp_path)
+        second = run_fastsock("collect", "--once", "--node-name", "same",
+                              "--data-dir", str(tmp_path), check=False)
+        other = run_fastsock("collect", "--once", "--node-name", "other",
+                             "--data-dir", str(tmp_path), check=False)
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=30)
+
+    assert second.returncode == 1
+    assert f"pid {first.pid}" in second.stderr
+    assert other.returncode == 0, other.stderr

@@ -272,6 +272,7 @@ def _collect_settings(
             snapshotter.read_all_netns()
         store = ParquetStore(directory)
         store.check_writable()
+        store.lock_for_host(snapshotter.host)
         removed = store.remove_stale_temp_files()
     except (FastsockError, OSError) as error:
         raise _fail(str(error))

@@ -13,6 +13,7 @@ glob ``*.parquet`` therefore never see half a file, even after a crash.
 """
 
 import errno
+import fcntl
 import itertools
 import logging
 import os
@@ -88,6 +89,8 @@ class ParquetStore:
 
     def __init__(self, data_dir: "str | os.PathLike[str]") -> None:
         self.data_dir = Path(data_dir)
+        # Descriptor of the writer lock taken by lock_for_host, held until exit.
+        self._lock_fd: int | None = None
 
     def check_writable(self) -> None:
         """Create the data directory if needed and check that files can be made in it.
@@ -112,6 +115,30 @@ class ParquetStore:
                 f"cannot write to data directory {self.data_dir}: {error.strerror}; "
                 "pass a writable directory with --data-dir",
             ) from error
+
+    def lock_for_host(self, host: str) -> None:
+        """Take the data directory's writer lock for host, for this process's life.
+
+        Two collectors recording one host into one directory would store every
+        connection twice. Collectors of different hosts may share a directory.
+        Raises StoreError naming the pid that holds the lock.
+        """
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", host)
+        path = self.data_dir / f".lock-{name}"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise StoreError(
+                f"another fastsock collector (pid {holder}) records host {host!r} "
+                f"into {self.data_dir}; stop it, or pass another --data-dir or "
+                "--node-name"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._lock_fd = fd
 
     def write(self, table_name: str, table: pa.Table) -> list[Path]:
         """Write the rows of ``table`` to one new file per hour of last_seen.
