@@ -278,7 +278,7 @@ def test_federated_options_need_federated(tmp_path):
     )
 
     assert result.returncode == 2
-    assert "need --federated" in result.stderr
+    assert "only apply with --federated" in result.stderr
 
 
 def test_unreachable_agent_is_an_error(tmp_path):
@@ -309,3 +309,33 @@ def test_help_ends_with_example(command):
 
     assert f"Example: fastsock {command} --listen 127.0.0.1:7433" in result.stdout
     assert "seconds" in result.stdout.lower() or "Seconds" in result.stdout
+
+
+def test_busy_port_gives_clear_error(tmp_path):
+    import socket as socketlib
+
+    from harness import run_fastsock
+
+    with socketlib.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_fastsock("serve", "--listen", f"127.0.0.1:{port}",
+                              "--data-dir", str(tmp_path), check=False, timeout=30)
+
+    assert result.returncode != 0
+    assert f"127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_undecodable_token_file_rejected(tmp_path):
+    from harness import run_fastsock
+
+    token = tmp_path / "token"
+    token.write_bytes(b"\x00\xff\xfe")
+    result = run_fastsock("serve", "--token-file", str(token), "--data-dir",
+                          str(tmp_path), check=False, timeout=30)
+
+    assert result.returncode != 0
+    assert "UTF-8" in result.stderr
+    assert "Traceback" not in result.stderr

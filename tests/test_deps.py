@@ -514,3 +514,12 @@ def test_connections_without_process_stay_apart():
     assert "db" not in text
     assert "cycle" not in text
     assert "n0 -> n0" not in dot
+
+
+def test_parse_time_rejects_out_of_range_and_empty():
+    from fastsock.timespec import InvalidTimeError
+
+    with pytest.raises(InvalidTimeError, match="99999999d"):
+        parse_time("99999999d")
+    with pytest.raises(InvalidTimeError):
+        parse_time("")

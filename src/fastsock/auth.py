@@ -58,7 +58,11 @@ def load_token(token_file: "Path | None") -> "str | None":
     """
     if token_file is not None:
         try:
-            token = Path(token_file).read_text().strip()
+            token = Path(token_file).read_text(encoding="utf-8").strip()
+        except UnicodeDecodeError as error:
+            raise AuthError(
+                f"invalid token file {token_file}: it is not UTF-8 text ({error})"
+            ) from error
         except OSError as error:
             raise AuthError(
                 f"cannot read the token file {token_file}: {error}"

@@ -375,8 +375,19 @@ def query(
     from fastsock.query import run_query
 
     directory = _data_dir(data_dir)
-    if not federated and (agent or strict or peers):
-        raise _fail("--agent, --strict and --peers need --federated", 2)
+    federated_only = {
+        "--agent": agent is not None,
+        "--strict": strict,
+        "--peers": peers is not None,
+        "--direction": direction != Direction.downstream,
+        "--max-depth": max_depth != DEFAULT_MAX_DEPTH,
+        "--timeout": timeout != DEFAULT_TIMEOUT,
+        "--token-file": token_file is not None,
+        "--tls-ca": tls_ca is not None,
+    }
+    given = [option for option, is_set in federated_only.items() if is_set]
+    if not federated and given:
+        raise _fail(f"{', '.join(given)} only apply with --federated", 2)
     try:
         if federated:
             result = _federated_result(

@@ -72,7 +72,10 @@ def parse_endpoint(
 
 
 def _parse_uri(text: str, default_port: int) -> Endpoint:
-    parts = urlsplit(text)
+    try:
+        parts = urlsplit(text)
+    except ValueError as error:
+        raise EndpointError(f"invalid endpoint {text!r}: {error}") from error
     if parts.scheme not in SCHEMES:
         raise EndpointError(
             f"invalid endpoint {text!r}: the scheme must be one of {', '.join(SCHEMES)}"
@@ -138,7 +141,11 @@ def load_peers_map(path: "str | Path") -> dict[str, str]:
     """
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise EndpointError(
+            f"invalid peers map {path}: it is not UTF-8 text ({error})"
+        ) from error
     except OSError as error:
         raise EndpointError(f"cannot read the peers map {path}: {error}") from error
 

@@ -17,3 +17,7 @@ class FederationError(FastsockError, RuntimeError):
 
 class EndpointError(FastsockError, ValueError):
     """An endpoint or peers map is invalid, or a listen address needs a token."""
+
+
+class AgentStartError(FastsockError, OSError):
+    """An agent cannot listen on the requested address."""

@@ -25,7 +25,7 @@ from fastsock.endpoints import Endpoint
 from fastsock.errors import QueryError
 from fastsock.federated_query import FederatedQuery, FederationOptions
 from fastsock.federation import AnswerRegistry, NodeSettings, PullAnswer, PullRequest
-from fastsock.federation_errors import FederationError
+from fastsock.federation_errors import AgentStartError, FederationError
 from fastsock.flight_client import QUERY_ERROR, STRICT_ERROR, reports_metadata
 from fastsock.query import tables_with_files
 
@@ -45,11 +45,20 @@ class AgentServer(flight.FlightServerBase):
         certificate: "flight.CertKeyPair | None" = None,
     ) -> None:
         location = Endpoint(listen.host, listen.port, certificate is not None)
-        super().__init__(
-            location.location(),
-            tls_certificates=[certificate] if certificate is not None else None,
-            middleware={MIDDLEWARE_KEY: TokenCheckFactory(token)},
-        )
+        try:
+            super().__init__(
+                location.location(),
+                tls_certificates=[certificate] if certificate is not None else None,
+                middleware={MIDDLEWARE_KEY: TokenCheckFactory(token)},
+            )
+        except pa.ArrowException as error:
+            # gRPC reports a busy port or an address not on this host only as
+            # "Server did not start properly".
+            raise AgentStartError(
+                f"cannot listen on {listen.host}:{listen.port}: {error}; the port "
+                "may be in use or the address not on this host. Pick another "
+                "--listen address or port"
+            ) from error
         self.node = node
         self.endpoint = Endpoint(listen.host, self.port, certificate is not None)
         self.registry = AnswerRegistry()

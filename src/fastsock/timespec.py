@@ -24,8 +24,19 @@ def parse_time(text: str, now: datetime | None = None) -> datetime:
     match = RELATIVE_TIME.match(text)
     if match:
         seconds = float(match.group(1)) * TIME_UNITS[match.group(2)]
-        return now - timedelta(seconds=seconds)
+        try:
+            return now - timedelta(seconds=seconds)
+        except OverflowError as error:
+            raise InvalidTimeError(
+                f"invalid time {text!r}: it reaches before year 1; use a shorter "
+                "span such as 30d"
+            ) from error
 
+    if not text.strip():
+        raise InvalidTimeError(
+            "invalid time '': use an ISO timestamp such as 2024-05-01T12:00:00Z, "
+            "or a time back from now such as 45s, 30m, 1h or 2d"
+        )
     try:
         parsed = datetime.fromisoformat(text.strip())
     except ValueError as error:
