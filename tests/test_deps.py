@@ -523,3 +523,13 @@ def test_parse_time_rejects_out_of_range_and_empty():
         parse_time("99999999d")
     with pytest.raises(InvalidTimeError):
         parse_time("")
+
+
+def test_inverted_window_rejected(topology):
+    data, _ = topology
+
+    result = run_fastsock("deps", "--since", "1h", "--until", "2h",
+                          "--data-dir", str(data), check=False)
+
+    assert result.returncode == 2
+    assert "swap them" in result.stderr

@@ -340,7 +340,14 @@ def _status_printer():
 
 @app.command()
 def query(
-    sql: Annotated[str, typer.Argument(help="SQL over the tables connections, listeners, processes.")],
+    sql: Annotated[
+        str,
+        typer.Argument(
+            help="SQL over the views connections, listeners, processes, flows and "
+            "collector_stats (newest record per key), their <table>_records views "
+            "(every stored record) and, with --federated, federation_nodes."
+        ),
+    ],
     data_dir: DataDirOption = None,
     output_format: Annotated[
         OutputFormat, typer.Option("--format", help="Output format.")
@@ -509,8 +516,8 @@ def deps(
 
     directory = _data_dir(data_dir)
     try:
-        window_start = parse_time(since) if since else None
-        window_end = parse_time(until) if until else None
+        window_start = parse_time(since) if since is not None else None
+        window_end = parse_time(until) if until is not None else None
         tree = build_deps(
             directory, target, window_start, window_end, depth, direction.value
         )

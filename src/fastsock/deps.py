@@ -147,6 +147,11 @@ def deps(
     Raises NoDataError when data_dir has no flows in the window and
     UnknownTargetError when target matches nothing.
     """
+    if since is not None and until is not None and since > until:
+        raise ValueError(
+            f"invalid window: --since {since.isoformat()} is after --until "
+            f"{until.isoformat()}; swap them"
+        )
     flows, listeners = load_tables(data_dir, since, until)
     graph = build_graph(flows, listeners)
     return dependency_tree(graph, target, depth, direction, since, until)
