@@ -1215,3 +1215,28 @@ def test_netns_stopped_agent_logged_stop(netns_fleet):
     assert "agent old stopping" in log
     assert "agent old stopped" in log
     assert netns_fleet.agents["old"].returncode == 0
+
+
+@pytest.mark.root
+@pytest.mark.netns
+def test_netns_deps_federated_crosses_hosts(netns_fleet):
+    web = netns_fleet.hosts["web"]
+
+    def deps(target):
+        return web.run(
+            sys.executable, "-m", "fastsock", "deps", target, "--federated",
+            "--agent", f"{web.address}:{DEFAULT_AGENT_PORT}",
+            "--token-file", str(netns_fleet.token_file), "--timeout", "15",
+            "--direction", "out", "--depth", "3",
+        )
+
+    from_web = deps("fs-web-cli")
+    from_app = deps("fs-app-cli")
+
+    assert from_web.returncode == 0, from_web.stderr
+    assert from_web.stdout.startswith("fs-web-cli")
+    assert "--> fs-app-srv" in from_web.stdout
+    assert " on app" in from_web.stdout
+    assert from_app.returncode == 0, from_app.stderr
+    assert "--> fs-db-srv" in from_app.stdout
+    assert " on db" in from_app.stdout

@@ -139,6 +139,15 @@ BucketOption = Annotated[
         show_default=True,
     ),
 ]
+CompactOption = Annotated[
+    bool,
+    typer.Option(
+        "--compact/--no-compact",
+        help="At the first flush in a new UTC hour, merge the Parquet files of "
+        "each earlier hour into one file per table and hour (see `fastsock "
+        "compact`). --no-compact leaves the files as written.",
+    ),
+]
 
 
 def _data_dir(data_dir: Optional[Path]) -> Path:
@@ -194,6 +203,7 @@ def collect(
     close_events: CloseEventsOption = True,
     all_netns: AllNetnsOption = False,
     bucket: BucketOption = 60,
+    auto_compact: CompactOption = True,
 ) -> None:
     """Record this machine's sockets and their processes to Parquet.
 
@@ -201,7 +211,7 @@ def collect(
     """
     settings = _collect_settings(
         interval, flush_interval, duration, data_dir, proc_root, node_name, source,
-        close_events and not once, all_netns, bucket,
+        close_events and not once, all_netns, bucket, auto_compact=auto_compact,
     )
     collector, directory = settings.collector, settings.directory
     interval, flush_interval = settings.interval, settings.flush_interval
@@ -244,7 +254,7 @@ class CollectSettings:
 
 def _collect_settings(
     interval, flush_interval, duration, data_dir, proc_root, node_name, source,
-    close_events, all_netns, bucket,
+    close_events, all_netns, bucket, auto_compact=True,
 ) -> CollectSettings:
     """Check the collection options and build the collector, or exit with the error."""
     from fastsock.collector import DEFAULT_FLUSH_INTERVAL, DEFAULT_INTERVAL, Collector
@@ -284,7 +294,9 @@ def _collect_settings(
     closes = _close_recorder(
         close_events and _reads_own_namespace(snapshotter), source, snapshotter.netns
     )
-    collector = Collector(snapshotter, store, closes, bucket_seconds=bucket)
+    collector = Collector(
+        snapshotter, store, closes, bucket_seconds=bucket, auto_compact=auto_compact
+    )
     return CollectSettings(collector, directory, interval, flush_interval)
 
 
@@ -501,6 +513,14 @@ def deps(
         DepsFormat, typer.Option("--format", help="Output format.")
     ] = DepsFormat.tree,
     data_dir: DataDirOption = None,
+    federated: FederatedOption = False,
+    agent: AgentOption = None,
+    max_depth: MaxDepthOption = DEFAULT_MAX_DEPTH,
+    timeout: TimeoutOption = DEFAULT_TIMEOUT,
+    strict: StrictOption = False,
+    peers: PeersOption = None,
+    token_file: TokenFileOption = None,
+    tls_ca: TlsCaOption = None,
 ) -> None:
     """Show which services a process or address depends on, and which depend on it.
 
@@ -518,14 +538,49 @@ def deps(
     try:
         window_start = parse_time(since) if since is not None else None
         window_end = parse_time(until) if until is not None else None
-        tree = build_deps(
-            directory, target, window_start, window_end, depth, direction.value
-        )
+        if federated:
+            walk = {"in": Direction.upstream, "out": Direction.downstream}.get(
+                direction.value, Direction.both
+            )
+            tree = _federated_deps(
+                target, window_start, window_end, depth, direction.value,
+                (directory, agent, walk, max_depth, timeout, strict, peers,
+                 token_file, tls_ca),
+            )
+        else:
+            tree = build_deps(
+                directory, target, window_start, window_end, depth, direction.value
+            )
     except NoDataError as error:
         raise _fail(str(error))
     except (FastsockError, ValueError) as error:
         raise _fail(str(error), 2)
     typer.echo(render(tree, output_format.value), nl=False)
+
+
+def _federated_deps(target, since, until, depth, direction, federation):
+    """Build the dependency tree from the flows and listeners of the whole fleet.
+
+    The walk follows outbound peers for --direction out, inbound ones for in,
+    and both for both. Each table is one federated query, so the node summary
+    is printed twice.
+    """
+    from fastsock.depgraph import build_graph
+    from fastsock.deps import check_window, dependency_tree, window_condition
+
+    check_window(since, until)
+    where = window_condition(since, until)
+    flows = _federated_result(f"SELECT * FROM flows {where}", *federation)
+    listeners = _federated_result(
+        "SELECT host, netns, protocol, local_addr, local_port, pid, comm, exe, "
+        f"cmdline FROM listeners {where}",
+        *federation,
+    )
+    if flows.num_rows == 0:
+        raise NoDataError("no flows in the window on any node reached")
+    return dependency_tree(
+        build_graph(flows, listeners), target, depth, direction, since, until
+    )
 
 
 def _federated_result(
@@ -597,6 +652,7 @@ def agent(
     close_events: CloseEventsOption = True,
     all_netns: AllNetnsOption = False,
     bucket: BucketOption = 60,
+    auto_compact: CompactOption = True,
     token_file: TokenFileOption = None,
     tls_cert: TlsCertOption = None,
     tls_key: TlsKeyOption = None,
@@ -617,7 +673,7 @@ def agent(
 
     settings = _collect_settings(
         interval, flush_interval, None, data_dir, proc_root, node_name, source,
-        close_events, all_netns, bucket,
+        close_events, all_netns, bucket, auto_compact=auto_compact,
     )
     collect = CollectConfig(
         settings.collector, settings.interval, settings.flush_interval

@@ -4,13 +4,15 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Callable
 
 import numpy as np
 import pyarrow as pa
 
+from fastsock.compaction import compact
 from fastsock.dependencies import DependencyModel
-from fastsock.errors import StoreError
+from fastsock.errors import FastsockError, StoreError
 from fastsock.flows import DEFAULT_BUCKET_SECONDS
 from fastsock.lifetimes import LifetimeTracker
 from fastsock.netlink import COUNTER_COLUMNS
@@ -67,10 +69,13 @@ class Collector:
         store: ParquetStore,
         closes=None,
         bucket_seconds: int = DEFAULT_BUCKET_SECONDS,
+        auto_compact: bool = True,
     ) -> None:
         """Set up a collector; closes is a closes.CloseRecorder, or None to poll only.
 
-        bucket_seconds is the width of a flow bucket (see fastsock.flows).
+        bucket_seconds is the width of a flow bucket (see fastsock.flows). With
+        auto_compact, the first successful flush in a new UTC hour compacts the
+        partitions of every earlier hour (see fastsock.compaction).
         """
         self.snapshotter = snapshotter
         self.store = store
@@ -92,6 +97,10 @@ class Collector:
         # generation when they were found (see _observe_processes).
         self._holders: pa.Table | None = None
         self._holders_generation = -1
+
+        self.auto_compact = auto_compact
+        # UTC hour of the last successful flush; None before the first one.
+        self.flush_hour: datetime | None = None
 
     def sample(self) -> None:
         """Take one snapshot and fold it into the lifetimes.
@@ -235,7 +244,29 @@ class Collector:
             listeners.num_rows,
             self.store.data_dir,
         )
+        self._compact_after_new_hour()
         return True
+
+    def _compact_after_new_hour(self) -> None:
+        """Compact the earlier hours when this flush is the first of a new hour.
+
+        The first flush of a process does not compact: the hours before it are
+        compacted at the first hour change. Compaction runs in this thread, so
+        samples wait while it merges a past hour's files.
+        """
+        now = datetime.now(timezone.utc)
+        hour = now.replace(minute=0, second=0, microsecond=0)
+        previous, self.flush_hour = self.flush_hour, hour
+        if not self.auto_compact or previous is None or previous == hour:
+            return
+
+        try:
+            report = compact(self.store.data_dir, before=hour, wait=False)
+        except (FastsockError, OSError) as error:
+            log.error("compaction of the hours before %s failed: %s", hour, error)
+            return
+        if not report.locked_out:
+            log.info("%s, hours before %s", report.line(), hour)
 
     def close(self) -> None:
         """Stop listening for close events; call after the last flush."""

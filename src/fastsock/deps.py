@@ -147,11 +147,7 @@ def deps(
     Raises NoDataError when data_dir has no flows in the window and
     UnknownTargetError when target matches nothing.
     """
-    if since is not None and until is not None and since > until:
-        raise ValueError(
-            f"invalid window: --since {since.isoformat()} is after --until "
-            f"{until.isoformat()}; swap them"
-        )
+    check_window(since, until)
     flows, listeners = load_tables(data_dir, since, until)
     graph = build_graph(flows, listeners)
     return dependency_tree(graph, target, depth, direction, since, until)
@@ -230,6 +226,29 @@ def _window_sql(since, until) -> tuple[str, list]:
         parameters.append(until)
     where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
     return where, parameters
+
+
+def check_window(since, until) -> None:
+    """Raise ValueError when the window ends before it starts."""
+    if since is not None and until is not None and since > until:
+        raise ValueError(
+            f"invalid window: --since {since.isoformat()} is after --until "
+            f"{until.isoformat()}; swap them"
+        )
+
+
+def window_condition(since, until) -> str:
+    """Return the WHERE clause of the window with literal UTC timestamps.
+
+    Federated queries carry their SQL to other nodes as text, so the window
+    cannot be a bound parameter there.
+    """
+    conditions = []
+    if since is not None:
+        conditions.append(f"last_seen >= TIMESTAMPTZ '{since.isoformat()}'")
+    if until is not None:
+        conditions.append(f"first_seen <= TIMESTAMPTZ '{until.isoformat()}'")
+    return f"WHERE {' AND '.join(conditions)}" if conditions else ""
 
 
 def _window_text(since, until) -> str:

@@ -48,6 +48,10 @@ TEMP_PREFIX = ".tmp-"
 # ".tmp-part-20240101T101500123456Z-4242-7". Nothing else is ever removed.
 TEMP_NAME = re.compile(r"^\.tmp-part-\d{8}T\d{12}Z-(?P<pid>\d+)-\d+$")
 
+# Names of the Parquet files that this module writes, for example
+# "part-20240101T101500123456Z-4242-7.parquet". Compaction rewrites only these.
+PART_NAME = re.compile(r"^part-\d{8}T\d{12}Z-\d+-\d+\.parquet$")
+
 WRITE_HINT = (
     "the rows were not stored, so free space or make the data directory writable, "
     "then retry"
@@ -233,6 +237,16 @@ def split_by_hour(table: pa.Table) -> Iterator[tuple[str, pa.Table]]:
     for hour in sorted(pc.unique(hours).to_pylist()):
         rows = table.filter(pc.equal(hours, pa.scalar(hour, type=hours.type)))
         yield f"date={hour:%Y-%m-%d}/hour={hour:%H}", rows
+
+
+def write_part(directory: Path, rows: pa.Table) -> Path:
+    """Write ``rows`` to one new part file in ``directory`` and return its path.
+
+    The file is written under a temporary name, fsynced and renamed, as by
+    ParquetStore.write. ``rows`` must already have the table's schema. Raises
+    StoreError carrying the errno and the path when the file cannot be written.
+    """
+    return _write_part(directory, rows)
 
 
 def _schema_of(table_name: str) -> pa.Schema:
