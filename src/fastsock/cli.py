@@ -292,7 +292,7 @@ def _collect_settings(
         log.warning("removed %d temporary files left by an interrupted writer", removed)
 
     closes = _close_recorder(
-        close_events and _reads_own_namespace(snapshotter), source, snapshotter.netns
+        close_events and _reads_own_namespace(snapshotter), source, snapshotter
     )
     collector = Collector(
         snapshotter, store, closes, bucket_seconds=bucket, auto_compact=auto_compact
@@ -321,22 +321,25 @@ def _reads_own_namespace(snapshotter) -> bool:
     return True
 
 
-def _close_recorder(enabled: bool, source: "SocketSource", netns: int | None):
-    """Return a CloseRecorder subscribed to close events of this namespace, or None.
+def _close_recorder(enabled: bool, source: "SocketSource", snapshotter):
+    """Return the close-event recorders of the snapshots' namespaces, or None.
 
-    NOTE: with --all-netns only this namespace's closes are subscribed to. A
-    CloseListener per namespace needs a socket opened inside it (setns).
+    This subscribes in the namespace fastsock runs in. With --all-netns, the
+    collector subscribes in each other namespace when a snapshot first reads
+    it. None when disabled or when this namespace's subscription fails.
     """
     if not enabled:
         return None
-    from fastsock.closes import CloseRecorder, open_close_listener
+    from fastsock.closes import CloseRecorder, NamespaceCloses, open_close_listener
 
-    listener = open_close_listener()
+    netns = snapshotter.netns
+    listener = open_close_listener(netns)
     if listener is None:
         return None
-    return CloseRecorder(
+    own = CloseRecorder(
         listener, match_by_cookie=source == SocketSource.netlink, netns=netns
     )
+    return NamespaceCloses(own, snapshotter.proc_root)
 
 
 def _status_printer():
@@ -457,6 +460,60 @@ def status(data_dir: DataDirOption = None) -> None:
             f"of `fastsock collect`"
         )
     typer.echo(format_status(table))
+
+
+@app.command()
+def compact(
+    data_dir: DataDirOption = None,
+    table: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Compact only this table: connections, listeners, processes, "
+            "flows or collector_stats. Default: every table.",
+            show_default=False,
+        ),
+    ] = None,
+    before: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Compact only the hours that end at or before this time: an ISO "
+            "timestamp (UTC unless it has an offset) or a time back from now: "
+            "45s, 30m, 1h, 2d. Default and latest allowed: the start of the "
+            "current UTC hour.",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Merge the Parquet files of each past hour into one file per table and hour.
+
+    Keeps the newest record of each key, the one that the views of `fastsock
+    query` select, so queries return the same rows from fewer files. Files of
+    the current hour and files that cannot be read are left as they are. Prints
+    the partitions merged and their files and rows before and after.
+
+    Example: fastsock compact --data-dir ./data --before 1h
+    """
+    from fastsock.compaction import compact as compact_history
+    from fastsock.timespec import parse_time
+
+    directory = _data_dir(data_dir)
+    try:
+        cutoff = parse_time(before) if before is not None else None
+        report = compact_history(directory, table, cutoff)
+    except NoDataError as error:
+        raise _fail(str(error))
+    except ValueError as error:
+        raise _fail(str(error), 2)
+    except (FastsockError, OSError) as error:
+        raise _fail(str(error))
+
+    typer.echo(f"partitions compacted: {report.partitions}")
+    typer.echo(f"files: {report.files_before} -> {report.files_after}")
+    typer.echo(f"rows: {report.rows_before} -> {report.rows_after}")
+    for path in report.skipped_files:
+        typer.echo(f"skipped, left in place (see the log): {path}", err=True)
+    for path in report.unremoved_files:
+        typer.echo(f"could not remove merged file: {path}", err=True)
 
 
 class DepsDirection(str, Enum):

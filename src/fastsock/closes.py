@@ -17,11 +17,14 @@ and a socket that lived less than one sample gets a record of its own with
 ``detected_by = 'close_event'``.
 """
 
+import ctypes
 import logging
+import os
 import socket
 import struct
 import threading
 from collections import Counter
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -29,6 +32,7 @@ import pyarrow.compute as pc
 
 from fastsock.errors import FastsockError
 from fastsock.lifetimes import LifetimeTracker
+from fastsock.netns import Namespace
 from fastsock.netlink import (
     DIAG_COLUMNS,
     _netlink,
@@ -90,8 +94,11 @@ class CloseListener:
     reports the namespace it was created in.
     """
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, netns: int | None = None) -> None:
+        """Wrap sock; netns is the inode of its namespace, for the log only."""
         self._socket = sock
+        self.netns = netns
+        self._dropped_at_stop: int | None = None
         self._lock = threading.Lock()
         self._pending: list = []
         self._stop = threading.Event()
@@ -103,8 +110,10 @@ class CloseListener:
         self.read_errors = 0
 
     @classmethod
-    def subscribe(cls, receive_buffer: int = RECEIVE_BUFFER_BYTES) -> "CloseListener":
-        """Open a socket bound to the destroy groups of this network namespace.
+    def subscribe(
+        cls, receive_buffer: int = RECEIVE_BUFFER_BYTES, netns: int | None = None
+    ) -> "CloseListener":
+        """Open a socket bound to the destroy groups of this thread's namespace.
 
         Raises CloseEventsUnavailable when the kernel has no sock_diag, or
         rejects the subscription (EPERM where it requires CAP_NET_ADMIN).
@@ -131,21 +140,27 @@ class CloseListener:
             ) from error
 
         set_receive_buffer(sock, receive_buffer)
-        return cls(sock)
+        return cls(sock, netns)
 
     def start(self) -> None:
         self._thread.start()
-        log.info("listening for close events on the sock_diag destroy groups")
+        log.info(
+            "listening for close events of network namespace %s on the sock_diag "
+            "destroy groups",
+            self.netns,
+        )
 
     def stop(self) -> None:
         """Stop the reader thread and close the socket."""
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join()
+        self._dropped_at_stop = self.dropped()
         self._socket.close()
         log.info(
-            "stopped listening for close events: %d received, %d overruns, "
-            "%d read errors",
+            "stopped listening for close events of network namespace %s: %d "
+            "received, %d overruns, %d read errors",
+            self.netns,
             self.received,
             self.overruns,
             self.read_errors,
@@ -172,6 +187,8 @@ class CloseListener:
 
     def dropped(self) -> int:
         """Return how many events the kernel dropped for a full receive buffer."""
+        if self._dropped_at_stop is not None:
+            return self._dropped_at_stop
         try:
             raw = self._socket.getsockopt(
                 socket.SOL_SOCKET, SO_MEMINFO, struct.calcsize(MEMINFO_FORMAT)
@@ -227,10 +244,14 @@ def set_receive_buffer(sock: socket.socket, size: int) -> None:
     )
 
 
-def open_close_listener() -> CloseListener | None:
-    """Start a CloseListener, or log once why close events are off and return None."""
+def open_close_listener(netns: int | None = None) -> CloseListener | None:
+    """Start a CloseListener, or log once why close events are off and return None.
+
+    The listener receives the events of the namespace this process runs in,
+    whose inode netns is.
+    """
     try:
-        listener = CloseListener.subscribe()
+        listener = CloseListener.subscribe(netns=netns)
     except CloseEventsUnavailable as error:
         log.warning(
             "close events are off, so sockets that open and close between two "
@@ -240,6 +261,90 @@ def open_close_listener() -> CloseListener | None:
         return None
     listener.start()
     return listener
+
+
+# CLONE_NEWNET of linux/sched.h, the namespace type that setns(2) checks.
+CLONE_NEWNET = 0x40000000
+
+
+class NamespaceMoved(FastsockError, LookupError):
+    """The process that showed a network namespace exited or left it."""
+
+
+def enter_network_namespace(fd: int) -> None:
+    """Move the calling thread into the network namespace that fd refers to.
+
+    Raises OSError from setns(2): EPERM without CAP_SYS_ADMIN.
+    """
+    if hasattr(os, "setns"):
+        # Python 3.12 and later.
+        os.setns(fd, CLONE_NEWNET)
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(fd, CLONE_NEWNET) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"setns(CLONE_NEWNET) failed: {os.strerror(errno)}")
+
+
+def subscribe_in_namespace(
+    proc_root: str, namespace: Namespace, receive_buffer: int = RECEIVE_BUFFER_BYTES
+) -> CloseListener:
+    """Subscribe to the close events of a namespace that a process of it shows.
+
+    A netlink socket reports the namespace it was created in, so a thread made
+    for this enters the namespace with setns(2), subscribes and exits. setns
+    moves only the calling thread, and the thread ends there, so the other
+    threads stay in their namespace. Raises NamespaceMoved when namespace.pid
+    exited or runs in another namespace by now, and CloseEventsUnavailable
+    when entering the namespace or subscribing fails.
+    """
+    path = f"{proc_root}/{namespace.pid}/ns/net"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except (FileNotFoundError, ProcessLookupError) as error:
+        raise NamespaceMoved(f"{path} is gone: {error}") from error
+    except OSError as error:
+        raise CloseEventsUnavailable(
+            error.errno, f"cannot open {path} ({error.strerror}); run fastsock as root"
+        ) from error
+
+    try:
+        found = os.fstat(fd).st_ino
+        if found != namespace.inode:
+            raise NamespaceMoved(
+                f"{path} is network namespace {found} now, not {namespace.inode}"
+            )
+        outcome: dict = {}
+        thread = threading.Thread(
+            target=_subscribe_in,
+            args=(fd, namespace.inode, receive_buffer, outcome),
+            name=f"fastsock-subscribe-{namespace.inode}",
+        )
+        thread.start()
+        thread.join()
+    finally:
+        os.close(fd)
+
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["listener"]
+
+
+def _subscribe_in(fd: int, inode: int, receive_buffer: int, outcome: dict) -> None:
+    """Enter the namespace of fd and subscribe there; the caller's thread body."""
+    try:
+        enter_network_namespace(fd)
+    except OSError as error:
+        outcome["error"] = CloseEventsUnavailable(
+            error.errno,
+            f"cannot enter network namespace {inode} ({error.strerror}); setns "
+            "needs CAP_SYS_ADMIN, so run fastsock as root",
+        )
+        return
+    try:
+        outcome["listener"] = CloseListener.subscribe(receive_buffer, inode)
+    except CloseEventsUnavailable as error:
+        outcome["error"] = error
 
 
 def string_buffers(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
@@ -416,10 +521,17 @@ class CloseRecorder:
             keys = np.where(netns == self.netns, keys, 0)
         return keys
 
+    def _own_rows(self, rows: pa.Table) -> pa.Table:
+        """Return the rows of self.netns, or all rows when either has no netns."""
+        if self.netns is None or "netns" not in rows.column_names:
+            return rows
+        netns = rows.column("netns").fill_null(-1).to_numpy()
+        return rows.filter(pa.array(netns == self.netns))
+
     def _remember_closed(self, tracker: LifetimeTracker, now_us: int) -> None:
         closed = tracker.closed_in_last_observe
         if closed is not None and closed is not self._last_remembered:
-            self._recent.append(closed)
+            self._recent.append(self._own_rows(closed))
             self._last_remembered = closed
         if not self._recent:
             return
@@ -482,7 +594,8 @@ class CloseRecorder:
         _keys, rows = tracker.open_rows()
         if rows is None:
             return 0
-        owners = ListenerOwners(rows)
+        # A listener covers the connections of its own namespace only.
+        owners = ListenerOwners(self._own_rows(rows))
         owner_row = owners.find(events)
         linked = owner_row >= 0
         self.counts["unseen"] += events.num_rows
@@ -511,6 +624,109 @@ class CloseRecorder:
             losses[1],
         )
         self._reported_losses = losses
+
+
+class NamespaceCloses:
+    """One CloseRecorder per network namespace that the collector reads.
+
+    The recorder of the collector's own namespace is made by the caller and
+    stays. follow() subscribes in each other namespace when it first appears
+    and stops the recorder of a namespace that is no longer read, after one
+    last process() of the events it received.
+    """
+
+    def __init__(
+        self,
+        own: CloseRecorder,
+        proc_root: str,
+        subscribe: Callable[[str, Namespace], CloseListener] = subscribe_in_namespace,
+    ) -> None:
+        self.own = own
+        self.proc_root = proc_root
+        self.subscribe = subscribe
+        self.recorders: dict[int | None, CloseRecorder] = {own.netns: own}
+        self._leaving: list[CloseRecorder] = []
+        self._stopped: list[CloseRecorder] = []
+        self._failed: set[int] = set()
+
+    def follow(self, namespaces: list[Namespace]) -> None:
+        """Subscribe in the namespaces not seen before; retire those not listed."""
+        listed = {namespace.inode for namespace in namespaces}
+        for namespace in namespaces:
+            if namespace.pid is None or namespace.inode in self.recorders:
+                continue
+            if namespace.inode in self._failed:
+                continue
+            self._add(namespace)
+
+        for inode in set(self.recorders) - listed - {self.own.netns}:
+            self._leaving.append(self.recorders.pop(inode))
+
+    def _add(self, namespace: Namespace) -> None:
+        try:
+            listener = self.subscribe(self.proc_root, namespace)
+        except NamespaceMoved as error:
+            # The next scan of the namespaces finds another process of it.
+            log.debug(
+                "subscribing to network namespace %s later: %s", namespace.inode, error
+            )
+            return
+        except CloseEventsUnavailable as error:
+            self._failed.add(namespace.inode)
+            log.warning(
+                "close events of network namespace %s are off, so its sockets "
+                "that open and close between two samples are missed: %s",
+                namespace.inode,
+                error,
+            )
+            return
+
+        listener.start()
+        self.recorders[namespace.inode] = CloseRecorder(
+            listener, self.own.match_by_cookie, namespace.inode
+        )
+
+    def process(self, tracker: LifetimeTracker, now_us: int) -> dict[int | None, int]:
+        """Run CloseRecorder.process for every namespace.
+
+        Returns, per namespace inode, how many TCP connections the events
+        added that no sample showed.
+        """
+        # Stopping first joins the reader thread, so no received event is left.
+        for recorder in self._leaving:
+            recorder.stop()
+
+        added = {}
+        for recorder in [*self.recorders.values(), *self._leaving]:
+            added[recorder.netns] = recorder.process(tracker, now_us)
+        self._stopped.extend(self._leaving)
+        self._leaving = []
+        return added
+
+    def drain(self) -> pa.Table | None:
+        """Return the records of every namespace made since the last drain, or None."""
+        recorders = [*self.recorders.values(), *self._leaving, *self._stopped]
+        self._stopped = []
+        parts = [table for table in (r.drain() for r in recorders) if table is not None]
+        if not parts:
+            return None
+        return pa.concat_tables(parts, promote_options="default")
+
+    def counters(self) -> dict[int | None, dict[str, int]]:
+        """Return the running event totals of each namespace's listener."""
+        return {
+            inode: {
+                "events_received": recorder.listener.received,
+                "events_overruns": recorder.listener.overruns,
+                "events_dropped": recorder.listener.dropped(),
+            }
+            for inode, recorder in self.recorders.items()
+        }
+
+    def stop(self) -> None:
+        for recorder in [*self.recorders.values(), *self._leaving]:
+            recorder.stop()
+        self._leaving = []
 
 
 def final_values(events: pa.Table, schema: pa.Schema) -> dict[str, pa.Array]:

@@ -10,15 +10,15 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 
-from fastsock.compaction import compact
 from fastsock.dependencies import DependencyModel
 from fastsock.errors import FastsockError, StoreError
 from fastsock.flows import DEFAULT_BUCKET_SECONDS
 from fastsock.lifetimes import LifetimeTracker
 from fastsock.netlink import COUNTER_COLUMNS
+from fastsock.netns import namespaces_read, reports_by_namespace
 from fastsock.records import process_keys, process_records, socket_keys, socket_records
 from fastsock.snapshot import Snapshotter, SnapshotStats
-from fastsock.stats import StatsMeter, count_tcp_connections
+from fastsock.stats import NamespaceMeters, tcp_connections_by_netns
 from fastsock.store import ParquetStore
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ class Collector:
         bucket_seconds: int = DEFAULT_BUCKET_SECONDS,
         auto_compact: bool = True,
     ) -> None:
-        """Set up a collector; closes is a closes.CloseRecorder, or None to poll only.
+        """Set up a collector; closes is a closes.NamespaceCloses, or None to poll only.
 
         bucket_seconds is the width of a flow bucket (see fastsock.flows). With
         auto_compact, the first successful flush in a new UTC hour compacts the
@@ -84,12 +84,10 @@ class Collector:
         self.processes = LifetimeTracker()
         self.status = CollectorStatus()
         self.closes = closes
-        self.meter = StatsMeter(
+        self.meters = NamespaceMeters(
             snapshotter.host,
-            snapshotter.netns,
-            f"{snapshotter.proc_root}/net/snmp",
+            snapshotter.proc_root,
             getattr(snapshotter, "source", "proc"),
-            closes is not None,
         )
         self._unwritten_stats = []
 
@@ -144,17 +142,17 @@ class Collector:
 
         stats.duration_s = time.perf_counter() - started
         opened_rows = np.searchsorted(new, self.sockets.opened_in_last_observe)
-        self.meter.add_sample(
+        self._follow_namespaces()
+        self.meters.add_sample(
             stats.time_us,
             stats.duration_s,
-            stats.tables.rows,
-            stats.tables.skipped_total,
-            count_tcp_connections(fresh, opened_rows),
+            reports_by_namespace(self.snapshotter, stats.tables),
+            tcp_connections_by_netns(fresh, opened_rows),
         )
         if self.closes is not None:
             unseen = self.closes.process(self.sockets, stats.time_us)
-            self.meter.add_opens(unseen)
-            opened += unseen
+            self.meters.add_opens(unseen)
+            opened += sum(unseen.values())
 
         status = self.status
         status.samples += 1
@@ -198,7 +196,7 @@ class Collector:
         if self.closes is not None:
             # Events received since the last sample close their records now.
             now_us = time.time_ns() // 1000
-            self.meter.add_opens(self.closes.process(self.sockets, now_us))
+            self.meters.add_opens(self.closes.process(self.sockets, now_us))
         drained_sockets = self.sockets.drain()
         drained_processes = self.processes.drain()
         if drained_sockets is None:
@@ -211,12 +209,12 @@ class Collector:
         detected = self.dependencies.detections(drained_sockets, host)
         if detected is not None:
             connections = pa.concat_tables([connections, detected])
-            self.meter.add_opens(detected.num_rows)
+            self.meters.add_detections(detected)
         tables = [("connections", connections), ("listeners", listeners)]
         tables.append(("flows", self.dependencies.flows(connections)))
         if drained_processes is not None:
             tables.append(("processes", process_records(drained_processes, host)))
-        stats_row = self.meter.flush_row(time.time_ns() // 1000, self._counters())
+        stats_row = self.meters.flush_rows(time.time_ns() // 1000, self._counters())
         if stats_row is not None:
             self._unwritten_stats.append(stats_row)
         if self._unwritten_stats:
@@ -260,6 +258,10 @@ class Collector:
         if not self.auto_compact or previous is None or previous == hour:
             return
 
+        # Imported here: compaction loads duckdb, about 20 MB of resident memory
+        # that a collector needs only at the first flush of each hour.
+        from fastsock.compaction import compact
+
         try:
             report = compact(self.store.data_dir, before=hour, wait=False)
         except (FastsockError, OSError) as error:
@@ -273,17 +275,26 @@ class Collector:
         if self.closes is not None:
             self.closes.stop()
 
-    def _counters(self) -> dict[str, int]:
-        """Return the running totals that collector_stats stores per period."""
-        counters = {
-            "attribution_misses": self.snapshotter.attributor.stats["inodes_unowned"]
-        }
-        if self.closes is not None:
-            listener = self.closes.listener
-            counters["events_received"] = listener.received
-            counters["events_overruns"] = listener.overruns
-            counters["events_dropped"] = listener.dropped()
+    def _counters(self) -> dict[int | None, dict[str, int]]:
+        """Return the running totals that collector_stats stores, per namespace.
+
+        Attribution covers every namespace at once, so its misses go to the
+        row of the collector's own namespace.
+        """
+        counters = {} if self.closes is None else self.closes.counters()
+        counters.setdefault(self.snapshotter.netns, {})["attribution_misses"] = (
+            self.snapshotter.attributor.stats["inodes_unowned"]
+        )
         return counters
+
+    def _follow_namespaces(self) -> None:
+        """Give each namespace the latest snapshot read a meter and close events."""
+        namespaces = namespaces_read(self.snapshotter)
+        if self.closes is not None:
+            self.closes.follow(namespaces)
+            self.meters.follow(namespaces, set(self.closes.recorders))
+        else:
+            self.meters.follow(namespaces, set())
 
     def run(
         self,

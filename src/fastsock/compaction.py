@@ -12,6 +12,10 @@ old file is removed. A crash in between leaves the old files next to the new
 one. The views still keep one record per key, and the next compaction merges
 them all. Only files named as ParquetStore writes them (store.PART_NAME) are
 read or removed, and the partition of the current hour is never touched.
+
+NOTE: a query that listed a partition's files before they were removed and
+opens them after fails with a file-not-found error, and a retry reads the new
+file.
 """
 
 import fcntl
@@ -60,7 +64,7 @@ class CompactionReport:
     files_after: int = 0
     rows_before: int = 0
     rows_after: int = 0
-    # Part files that could not be read or merged; they stay in place.
+    # Part files that could not be read or merged, left in place.
     skipped_files: list[Path] = field(default_factory=list)
     # Old part files that could not be removed after their rows were rewritten.
     unremoved_files: list[Path] = field(default_factory=list)
@@ -96,9 +100,9 @@ def compact(
     """Merge the part files of each hourly partition older than ``before``.
 
     A partition qualifies when its whole hour ends at or before ``before``
-    (default and upper bound: the start of the current UTC hour) and it holds
-    more than one part file. ``table`` limits the run to one table of TABLES. A
-    naive ``before`` is taken as UTC. With ``wait=False`` the call returns at
+    (default and upper bound: the start of the current UTC hour) and it
+    contains more than one part file. ``table`` limits the run to one table of
+    TABLES. A naive ``before`` is taken as UTC. With ``wait=False`` the call returns at
     once, with ``locked_out`` set, when another compaction holds the lock.
 
     Raises ValueError for an unknown table, NoDataError when the data directory
@@ -116,7 +120,7 @@ def compact(
     report = CompactionReport()
     lock_fd = _lock(root, wait)
     if lock_fd is None:
-        logger.info("another process is compacting %s; skipped", root)
+        logger.info("skipped compaction of %s: another process holds its lock", root)
         report.locked_out = True
         return report
 

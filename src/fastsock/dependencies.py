@@ -15,7 +15,7 @@ from fastsock.direction import ListenerHistory, classify, read_ephemeral_ports
 from fastsock.flows import DEFAULT_BUCKET_SECONDS, FlowAggregator
 from fastsock.snapshot import Snapshotter
 from fastsock.sockets import is_listening
-from fastsock.timewait import ClosedConnectionDetector, detection_records
+from fastsock.timewait import FOUR_TUPLE, ClosedConnectionDetector, detection_records
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,9 @@ CLASSIFY_COLUMNS = [
     "opened_after_us",
     "seen_closed",
 ]
+
+# Columns that _seen_closed and _prune read, besides CLASSIFY_COLUMNS.
+SEEN_CLOSED_COLUMNS = ["detected_by", "key", "inode", "closed"]
 
 
 class DependencyModel:
@@ -92,10 +95,12 @@ class DependencyModel:
         listening = _listening(drained)
         self.listeners.update(drained.filter(pa.array(listening)))
 
-        connections = drained.filter(pa.array(~listening))
-        directions, _ = classify(
-            _classify_input(connections), self.listeners, self.ephemeral_ports
-        )
+        # Only the columns that classification reads are filtered, so the
+        # owner and counter columns of every drained row are not copied.
+        connections = _classify_input(_select_read(drained))
+        connections = connections.filter(pa.array(~listening))
+        directions, _ = classify(connections, self.listeners, self.ephemeral_ports)
+        del connections
 
         # Row i of drained takes direction number (connections before i); a
         # listener's index is masked, so its direction is NULL.
@@ -109,7 +114,8 @@ class DependencyModel:
         drained is the output of classify(). Detections of connections that are
         among its rows are dropped. The listener history is pruned afterwards.
         """
-        live = drained.filter(pc.is_valid(drained.column("direction")))
+        live = _select_read(drained)
+        live = live.filter(pc.is_valid(drained.column("direction")))
         detected = self.time_wait.drain(live)
         self._drained_detections = detected
         self._prune(live)
@@ -154,6 +160,16 @@ class DependencyModel:
             log.debug(
                 "forgot %d closed listeners; %d remain", forgotten, len(self.listeners)
             )
+
+
+def _select_read(drained: pa.Table) -> pa.Table:
+    """Return the columns of drained that classification and detection read.
+
+    Selecting them before a filter keeps the flush from copying the owner
+    columns (cmdline, exe, pids) of every drained record.
+    """
+    names = set(CLASSIFY_COLUMNS) | set(FOUR_TUPLE) | set(SEEN_CLOSED_COLUMNS)
+    return drained.select([name for name in drained.column_names if name in names])
 
 
 def _listening(drained: pa.Table) -> np.ndarray:

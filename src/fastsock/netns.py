@@ -92,6 +92,8 @@ class NamespaceTables:
         self.own_inode = own_inode
         self.rescan_seconds = rescan_seconds
         self.namespaces: list[Namespace] = []
+        # The latest read's counts per namespace inode, for collector_stats.
+        self.reports: dict[int | None, TableReport] = {}
         self._next_rescan = 0.0
 
     def read(self, report: TableReport, skip_logger: SkipLogger | None) -> pa.Table:
@@ -100,6 +102,7 @@ class NamespaceTables:
             self._rescan()
 
         tables = []
+        self.reports = {}
         for namespace in list(self.namespaces):
             table = self._read_namespace(namespace, report, skip_logger)
             if table is None:
@@ -146,21 +149,22 @@ class NamespaceTables:
         treats as empty. Checking the namespace before and after the read
         separates an empty table from a vanished process.
         """
-        if namespace.pid is None:
-            return read_socket_tables(namespace.proc_dir, report, skip_logger)
-
-        if namespace_inode(self.proc_root, namespace.pid) != namespace.inode:
-            return None
         own_report = TableReport()
-        table = read_socket_tables(namespace.proc_dir, own_report, skip_logger)
-        if namespace_inode(self.proc_root, namespace.pid) != namespace.inode:
-            log.debug(
-                "pid %d left network namespace %s while its tables were read",
-                namespace.pid,
-                namespace.inode,
-            )
-            return None
+        if namespace.pid is None:
+            table = read_socket_tables(namespace.proc_dir, own_report, skip_logger)
+        else:
+            if namespace_inode(self.proc_root, namespace.pid) != namespace.inode:
+                return None
+            table = read_socket_tables(namespace.proc_dir, own_report, skip_logger)
+            if namespace_inode(self.proc_root, namespace.pid) != namespace.inode:
+                log.debug(
+                    "pid %d left network namespace %s while its tables were read",
+                    namespace.pid,
+                    namespace.inode,
+                )
+                return None
 
+        self.reports[namespace.inode] = own_report
         report.rows += own_report.rows
         report.reads += own_report.reads
         report.bytes += own_report.bytes
@@ -172,3 +176,57 @@ def with_netns(sockets: pa.Table, inode: int | None) -> pa.Table:
     """Append a netns column holding inode to every row of sockets."""
     column = pa.repeat(pa.scalar(inode, pa.int64()), sockets.num_rows)
     return sockets.append_column(pa.field("netns", pa.int64()), column)
+
+
+def namespaces_read(snapshotter) -> list[Namespace]:
+    """Return the namespaces whose tables the snapshotter's latest snapshot read.
+
+    Without --all-netns that is its own namespace, read through the directory
+    that snapshot.table_root picks.
+    """
+    if snapshotter.namespaces is not None:
+        return list(snapshotter.namespaces.namespaces)
+
+    # Imported here because fastsock.snapshot imports this module.
+    from fastsock.snapshot import table_root
+
+    return [Namespace(snapshotter.netns, None, table_root(snapshotter.proc_root))]
+
+
+def reports_by_namespace(
+    snapshotter, report: TableReport
+) -> dict[int | None, TableReport]:
+    """Return the table counts of the latest snapshot per namespace inode.
+
+    report contains the counts of the whole snapshot, which are the own
+    namespace's when the snapshotter reads only that one.
+    """
+    if snapshotter.namespaces is not None:
+        return dict(snapshotter.namespaces.reports)
+    return {snapshotter.netns: report}
+
+
+def read_namespace_file(proc_root: str, namespace: Namespace, name: str) -> str | None:
+    """Return the text of ``net/<name>`` of namespace, or None when unreadable.
+
+    For a namespace read through a process, None also when that process left
+    the namespace during the read: its pid may then show another namespace.
+    """
+    path = f"{namespace.proc_dir}/net/{name}"
+    try:
+        with open(path, encoding="ascii") as file:
+            text = file.read()
+    except OSError as error:
+        log.debug("cannot read %s: %s", path, error)
+        return None
+
+    if namespace.pid is not None:
+        if namespace_inode(proc_root, namespace.pid) != namespace.inode:
+            log.debug(
+                "pid %d left network namespace %s while %s was read",
+                namespace.pid,
+                namespace.inode,
+                path,
+            )
+            return None
+    return text

@@ -138,6 +138,10 @@ class EarlyStopCheck:
     read. So the first reads of each file, and one in every
     ``FULL_READ_EVERY`` after them, read to the end and check the rule
     against the full content. One mismatch turns early stops off for good.
+
+    NOTE: a socket that opens while a table is being read can also show up as
+    data after a short read, so on a host with many short connections the
+    check may turn early stops off although the kernel keeps the rule.
     """
 
     FULL_READS_FIRST = 3

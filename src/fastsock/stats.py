@@ -5,8 +5,11 @@ The kernel counts every TCP open of a network namespace in
 (connections a listener created). Each open makes one local socket, so
 between two flushes their sum is the number of TCP connections that a
 complete recorder would have recorded. The collector compares it with the
-TCP connections it first recorded in the same period, from samples and from
-close events, and stores both in the ``collector_stats`` table.
+TCP connections of that namespace it first recorded in the same period, from
+samples, close events and TIME_WAIT rows, and stores both in the
+``collector_stats`` table: one row per flush and namespace read. Another
+namespace's counters are read through ``/proc/<pid>/net/snmp`` of a process
+inside it.
 """
 
 import logging
@@ -20,7 +23,8 @@ import pyarrow.compute as pc
 
 from fastsock import schema
 from fastsock.identity import combine, text_id
-from fastsock.sockets import TCP_LISTEN
+from fastsock.netns import Namespace, read_namespace_file
+from fastsock.sockets import TCP_LISTEN, TableReport
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +51,15 @@ def parse_tcp_opens(text: str) -> tuple[int, int]:
     return active, passive
 
 
-def read_tcp_opens(snmp_path: str) -> tuple[int, int] | None:
-    """Return the kernel's TCP open counters, or None when the file is unreadable."""
+def read_tcp_opens(proc_root: str, namespace: Namespace) -> tuple[int, int] | None:
+    """Return the TCP open counters of namespace, or None when they are unreadable."""
+    text = read_namespace_file(proc_root, namespace, "snmp")
+    if text is None:
+        return None
     try:
-        with open(snmp_path, encoding="ascii") as file:
-            return parse_tcp_opens(file.read())
-    except (OSError, ValueError) as error:
-        log.debug("cannot read TCP open counters from %s: %s", snmp_path, error)
+        return parse_tcp_opens(text)
+    except ValueError as error:
+        log.debug("no TCP open counters in %s/net/snmp: %s", namespace.proc_dir, error)
         return None
 
 
@@ -71,28 +77,39 @@ class Period:
 class StatsMeter:
     """Collect the figures of one collector and network namespace, per flush.
 
-    snmp_path is the ``net/snmp`` file of the namespace that the collector
-    samples: ``<proc_root>/net/snmp`` for its own namespace, or
-    ``/proc/<pid>/net/snmp`` for a process inside another one.
+    The kernel's counters are read from ``net/snmp`` of namespace.proc_dir:
+    ``<proc_root>/net`` for the collector's own namespace, or
+    ``/proc/<pid>/net`` of a process inside another one.
     """
 
     def __init__(
         self,
         host: str,
-        netns: int | None,
-        snmp_path: str,
+        proc_root: str,
+        namespace: Namespace,
         source: str,
         close_events: bool,
     ) -> None:
         self.host = host
-        self.netns = netns
-        self.snmp_path = snmp_path
+        self.proc_root = proc_root
+        self.namespace = namespace
         self.source = source
         self.close_events = close_events
         self._period: Period | None = None
         self._opens: tuple[int, int] | None = None
+        # Time of the sample at which _opens was read: opens count after it.
+        self._baseline_us = 0
+        self._rebase = False
         self._baseline: dict[str, int] = {}
         self._warned_snmp = False
+
+    @property
+    def netns(self) -> int | None:
+        return self.namespace.inode
+
+    @property
+    def unflushed_samples(self) -> int:
+        return 0 if self._period is None else len(self._period.sample_ms)
 
     def add_sample(
         self,
@@ -102,21 +119,25 @@ class StatsMeter:
         rows_skipped: int,
         tcp_opens_recorded: int,
     ) -> None:
-        """Add one sample. The first sample only sets the baseline of the opens.
+        """Add one sample of this namespace.
 
-        Connections in the first sample were open before the collector
-        started, so they are not opens of the period.
+        The first sample only reads the kernel's counters, because its
+        connections opened before that read. The first sample after a flush
+        that could not read the counters does the same.
         """
         if self._period is None:
             self._period = Period(start_us=time_us)
-            self._opens = read_tcp_opens(self.snmp_path)
-            tcp_opens_recorded = 0
+            tcp_opens_recorded = self._read_baseline(time_us)
             if self._opens is None and not self._warned_snmp:
                 self._warned_snmp = True
                 log.warning(
-                    "the completeness meter is off: %s has no TCP open counters",
-                    self.snmp_path,
+                    "the completeness meter of network namespace %s is off: "
+                    "%s/net/snmp has no TCP open counters",
+                    self.netns,
+                    self.namespace.proc_dir,
                 )
+        elif self._rebase:
+            tcp_opens_recorded = self._read_baseline(time_us)
 
         period = self._period
         period.sample_ms.append(duration_s * 1000)
@@ -124,10 +145,29 @@ class StatsMeter:
         period.rows_skipped += rows_skipped
         period.tcp_opens_recorded += tcp_opens_recorded
 
+    def _read_baseline(self, time_us: int) -> int:
+        """Read the counters that the period's opens count from; return 0."""
+        self._opens = read_tcp_opens(self.proc_root, self.namespace)
+        self._baseline_us = time_us
+        self._rebase = False
+        return 0
+
     def add_opens(self, tcp_opens_recorded: int) -> None:
         """Add TCP connections recorded outside a sample (close events)."""
         if self._period is not None:
             self._period.tcp_opens_recorded += tcp_opens_recorded
+
+    def add_detections(self, first_seen_us: np.ndarray) -> None:
+        """Add TIME_WAIT detections of this namespace, by their first sight.
+
+        A closing row listed in the sample that read the counters belongs to
+        a connection that opened before them, so it is not an open of the
+        period.
+        """
+        if self._period is not None:
+            self._period.tcp_opens_recorded += int(
+                (first_seen_us > self._baseline_us).sum()
+            )
 
     def flush_row(self, time_us: int, counters: dict[str, int]) -> pa.Table | None:
         """Return the period's row of collector_stats and start the next period.
@@ -140,7 +180,11 @@ class StatsMeter:
         if period is None:
             return None
 
-        opens = read_tcp_opens(self.snmp_path) if self._opens is not None else None
+        opens = None
+        if self._opens is not None:
+            opens = read_tcp_opens(self.proc_root, self.namespace)
+            # Without counters now, the next sample reads a new baseline.
+            self._rebase = opens is None
         active = passive = None
         if opens is not None and self._opens is not None:
             active = opens[0] - self._opens[0]
@@ -194,14 +238,124 @@ class StatsMeter:
         return pa.Table.from_arrays(arrays, schema=schema.COLLECTOR_STATS)
 
 
-def count_tcp_connections(rows: pa.Table, indices: np.ndarray) -> int:
-    """Return how many of the rows at indices are TCP sockets that do not listen."""
+class NamespaceMeters:
+    """One StatsMeter per network namespace that the collector reads.
+
+    A meter is made when a namespace is first read. When the namespace is no
+    longer read, its meter and unflushed period are dropped, because with no
+    process left in it its counters cannot be read for a last row.
+    """
+
+    def __init__(self, host: str, proc_root: str, source: str) -> None:
+        self.host = host
+        self.proc_root = proc_root
+        self.source = source
+        self.meters: dict[int | None, StatsMeter] = {}
+
+    def follow(self, namespaces: list[Namespace], close_events: set) -> None:
+        """Make a meter per namespace and drop those of namespaces not listed.
+
+        close_events contains the inodes of the namespaces whose close events
+        the collector receives.
+        """
+        listed = set()
+        for namespace in namespaces:
+            listed.add(namespace.inode)
+            meter = self.meters.get(namespace.inode)
+            if meter is None:
+                meter = StatsMeter(
+                    self.host, self.proc_root, namespace, self.source, False
+                )
+                self.meters[namespace.inode] = meter
+            # The process that shows the namespace may change between scans.
+            meter.namespace = namespace
+            meter.close_events = namespace.inode in close_events
+
+        for inode in set(self.meters) - listed:
+            meter = self.meters.pop(inode)
+            if meter.unflushed_samples:
+                log.info(
+                    "dropped %d unflushed samples of collector_stats for network "
+                    "namespace %s: no process is left to read its counters",
+                    meter.unflushed_samples,
+                    inode,
+                )
+
+    def add_sample(
+        self,
+        time_us: int,
+        duration_s: float,
+        reports: dict[int | None, TableReport],
+        opened: dict[int | None, int],
+    ) -> None:
+        """Add one sample to every meter; duration_s is the whole sample's."""
+        for inode, meter in self.meters.items():
+            report = reports.get(inode, TableReport())
+            meter.add_sample(
+                time_us,
+                duration_s,
+                report.rows,
+                report.skipped_total,
+                opened.get(inode, 0),
+            )
+
+    def add_opens(self, opened: dict[int | None, int]) -> None:
+        """Add TCP connections recorded outside a sample, per namespace inode."""
+        for inode, count in opened.items():
+            meter = self.meters.get(inode)
+            if meter is not None:
+                meter.add_opens(count)
+
+    def add_detections(self, detected: pa.Table | None) -> None:
+        """Add connections records of TIME_WAIT detections to their namespaces."""
+        if detected is None or detected.num_rows == 0:
+            return
+        netns = detected.column("netns").fill_null(NO_NETNS).to_numpy()
+        first_seen = detected.column("first_seen").cast(pa.int64()).to_numpy()
+        for inode, meter in self.meters.items():
+            rows = netns == (NO_NETNS if inode is None else inode)
+            meter.add_detections(first_seen[rows])
+
+    def flush_rows(
+        self, time_us: int, counters: dict[int | None, dict[str, int]]
+    ) -> pa.Table | None:
+        """Return one collector_stats row per namespace, or None before a sample.
+
+        counters contains each namespace's running totals (see
+        StatsMeter.flush_row).
+        """
+        rows = []
+        for inode, meter in self.meters.items():
+            row = meter.flush_row(time_us, counters.get(inode, {}))
+            if row is not None:
+                rows.append(row)
+        return pa.concat_tables(rows) if rows else None
+
+
+# The value of a NULL netns (a proc tree without ns links) in NumPy arrays.
+# Namespace inodes are positive.
+NO_NETNS = -1
+
+
+def tcp_connections_by_netns(
+    rows: pa.Table, indices: np.ndarray
+) -> dict[int | None, int]:
+    """Count the TCP sockets that do not listen among the rows at indices.
+
+    Returns the count per netns inode, with None for rows without one.
+    """
     if len(indices) == 0:
-        return 0
+        return {}
     picked = rows.take(pa.array(indices, pa.int64()))
     is_tcp = pc.equal(picked.column("protocol"), "tcp").to_numpy(zero_copy_only=False)
     listening = picked.column("state_code").to_numpy() == TCP_LISTEN
-    return int((is_tcp & ~listening).sum())
+    netns = picked.column("netns").fill_null(NO_NETNS).to_numpy()
+
+    inodes, counts = np.unique(netns[is_tcp & ~listening], return_counts=True)
+    return {
+        (None if inode == NO_NETNS else int(inode)): int(count)
+        for inode, count in zip(inodes, counts)
+    }
 
 
 def miss_rate(active: int | None, passive: int | None, recorded: int) -> float | None:
@@ -216,13 +370,15 @@ def miss_rate(active: int | None, passive: int | None, recorded: int) -> float |
 
 
 # The latest row per collector and namespace, and the miss rate over every
-# stored flush of it.
+# stored flush of it that has the kernel's counts.
 STATUS_SQL = """
 WITH totals AS (
     SELECT host, netns,
            count(*) AS flushes,
            sum(tcp_active_opens + tcp_passive_opens) AS kernel_opens,
-           sum(tcp_opens_recorded) AS recorded_opens,
+           sum(tcp_opens_recorded) FILTER (
+               WHERE tcp_active_opens IS NOT NULL AND tcp_passive_opens IS NOT NULL
+           ) AS recorded_opens,
            sum(events_overruns) AS all_overruns,
            sum(events_dropped) AS all_dropped
     FROM collector_stats GROUP BY host, netns
