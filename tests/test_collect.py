@@ -264,7 +264,7 @@ def test_invalid_seconds_rejected(tmp_path, option, value):
     assert "Traceback" not in result.stderr
 
 
-def test_data_dir_that_is_a_file_rejected_at_start(tmp_path):
+def test_data_dir_file_rejected(tmp_path):
     target = tmp_path / "afile"
     target.write_text("")
 

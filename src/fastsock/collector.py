@@ -25,9 +25,8 @@ log = logging.getLogger(__name__)
 
 # Default seconds between snapshots. A sample with a few hundred sockets costs
 # 6 to 10 ms of CPU, flushes included (docs/performance.md, "Default
-# interval"), so 0.2 s keeps the collector at 3 to 5% of one core while
-# sampling every connection that lives 0.2 s or more; close events cover
-# the shorter ones.
+# interval"). So 0.2 s keeps the collector at 3 to 5% of one core and samples
+# every connection that lives 0.2 s or more. Close events record shorter ones.
 DEFAULT_INTERVAL = 0.2
 
 # Default seconds between flushes to Parquet: what a crash can lose at most.

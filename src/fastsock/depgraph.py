@@ -59,7 +59,7 @@ class Node:
 
     @property
     def has_process(self) -> bool:
-        """Return whether a known process stands behind the node."""
+        """Return whether the node is a known process."""
         return self.is_process and (self.service is not None or self.comm is not None)
 
 

@@ -70,7 +70,7 @@ _BOOT_ID: int | None = None
 
 
 def _lifetime_marks(detected_by, first_seen: np.ndarray) -> np.ndarray:
-    """Return what tells two lifetimes of one key apart, per row.
+    """Return, per row, the value that distinguishes two lifetimes of one key.
 
     A live socket's key is its inode, unique while the kernel runs, so the
     boot id is enough and a restarted collector keeps the same record id.

@@ -140,8 +140,8 @@ class EarlyStopCheck:
     against the full content. One mismatch turns early stops off for good.
 
     NOTE: a socket that opens while a table is being read can also show up as
-    data after a short read, so on a host with many short connections the
-    check may turn early stops off although the kernel keeps the rule.
+    data after a short read. On a host with many short connections the check
+    may therefore turn early stops off although the kernel keeps the rule.
     """
 
     FULL_READS_FIRST = 3
