@@ -87,7 +87,11 @@ def tmpfs(tmp_path):
     yield mount
 
     if mounted:
-        subprocess.run(["umount", str(mount_point)], check=True)
+        result = subprocess.run(["umount", str(mount_point)], capture_output=True)
+        if result.returncode != 0:
+            # A file still open on the mount keeps it busy; detach it now and
+            # let the kernel free it when the last file closes.
+            subprocess.run(["umount", "--lazy", str(mount_point)], check=True)
 
 
 def test_default_data_dir_from_env(monkeypatch):
