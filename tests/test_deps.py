@@ -533,3 +533,23 @@ def test_inverted_window_rejected(topology):
 
     assert result.returncode == 2
     assert "swap them" in result.stderr
+
+
+def test_server_without_process_not_a_second_server():
+    web = {"comm": "web", "pid": 1, "service": "/bin/web"}
+    srv = {"comm": "srv", "pid": 2, "service": "/bin/srv"}
+    flows = flow_rows(
+        [
+            {**web, "direction": "outbound", "local_addr": "127.0.0.1",
+             "remote_addr": "127.0.0.1", "remote_port": 18080, "opened": 3},
+            {**srv, "direction": "inbound", "local_addr": "127.0.0.1",
+             "local_port": 18080, "remote_addr": "127.0.0.1", "opened": 3},
+            {"direction": "inbound", "local_addr": "127.0.0.1", "local_port": 18080,
+             "remote_addr": "127.0.0.1", "opened": 1},
+        ]
+    )
+
+    text = render(dependency_tree(build_graph(flows), "web", direction="out"), "tree")
+
+    assert "--> srv (pid 2)" in text
+    assert "(no process)" not in text

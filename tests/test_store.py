@@ -384,3 +384,15 @@ def fill_disk(path: Path) -> None:
         assert exc.errno == errno.ENOSPC
     finally:
         os.close(fd)
+
+
+def test_host_locks_do_not_collide(tmp_path):
+    first = ParquetStore(tmp_path)
+    second = ParquetStore(tmp_path)
+    third = ParquetStore(tmp_path)
+
+    first.lock_for_host("a/b")
+    second.lock_for_host("a_b")
+
+    with pytest.raises(StoreError, match="'a/b'"):
+        third.lock_for_host("a/b")

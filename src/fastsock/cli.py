@@ -197,7 +197,10 @@ def collect(
     proc_root: ProcRootOption = None,
     node_name: NodeNameOption = None,
     quiet: Annotated[
-        bool, typer.Option("--quiet", "-q", help="Print no status line.")
+        bool,
+        typer.Option(
+            "--quiet", "-q", help="Print no status line; errors and the log still print."
+        ),
     ] = False,
     source: SourceOption = SocketSource.proc,
     close_events: CloseEventsOption = True,
@@ -220,7 +223,8 @@ def collect(
         signal.signal(signum, lambda *_: stop.set())
 
     show = None if quiet else _status_printer()
-    typer.echo(f"collecting to {directory} (Ctrl-C stops and flushes)", err=True)
+    if not quiet:
+        typer.echo(f"collecting to {directory} (Ctrl-C stops and flushes)", err=True)
     try:
         if once:
             collector.sample()
@@ -236,7 +240,7 @@ def collect(
     collector.close()
     if show is not None and sys.stderr.isatty():
         typer.echo("", err=True)
-    else:
+    elif not quiet:
         typer.echo(status.line(), err=True)
     if status.failed_flushes and not collector.flush():
         raise _fail(f"could not store every record in {directory}; see the log above")

@@ -367,6 +367,12 @@ def _add_outbound(graph, row, servers, clients_of: Counter, owners) -> None:
     client = _process_node(row)
     address, port, protocol = row["remote_addr"], row["remote_port"], row["protocol"]
 
+    # A server row without a process (a connection seen only after it closed)
+    # is the same listener's traffic, so it must not become a second server.
+    with_process = [server for server in servers if _process_node(server).has_process]
+    if with_process:
+        servers = with_process
+
     from_client = _from_client(row, servers)
     for server in from_client:
         # A server's row counts every connection from one address. When several

@@ -76,6 +76,9 @@ def _lifetime_marks(detected_by, first_seen: np.ndarray) -> np.ndarray:
     boot id is enough and a restarted collector keeps the same record id.
     Other keys (the four-tuple of a TIME_WAIT entry) recur over time, so
     first_seen is part of their id.
+
+    NOTE: a TIME_WAIT entry stays listed about 60 s, so two collector runs
+    within that time (or two `collect --once`) each record it, with two ids.
     """
     live = pc.equal(detected_by, "live").to_numpy(zero_copy_only=False)
     return np.where(live, boot_id(), first_seen)

@@ -14,6 +14,7 @@ glob ``*.parquet`` therefore never see half a file, even after a crash.
 
 import errno
 import fcntl
+import hashlib
 import itertools
 import logging
 import os
@@ -127,8 +128,9 @@ class ParquetStore:
         connection twice. Collectors of different hosts may share a directory.
         Raises StoreError naming the pid that holds the lock.
         """
+        digest = hashlib.blake2b(host.encode(), digest_size=4).hexdigest()
         name = re.sub(r"[^A-Za-z0-9_.-]", "_", host)
-        path = self.data_dir / f".lock-{name}"
+        path = self.data_dir / f".lock-{name}-{digest}"
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
