@@ -360,3 +360,10 @@ def test_second_collector_of_host_rejected(tmp_path):
     assert second.returncode == 1
     assert f"pid {first.pid}" in second.stderr
     assert other.returncode == 0, other.stderr
+
+
+def test_quiet_prints_no_status(tmp_path):
+    result = run_fastsock("collect", "--once", "--quiet", "--data-dir", str(tmp_path))
+
+    assert "samples" not in result.stderr
+    assert "collecting to" not in result.stderr

@@ -304,8 +304,8 @@ def test_collector_no_compact(tmp_path):
 
 
 def test_collect_accepts_no_compact(tmp_path):
-    result = run_fastsock("collect", "--once", "--no-compact", "--quiet",
+    result = run_fastsock("collect", "--once", "--no-compact",
                           "--data-dir", str(tmp_path))
 
     assert "files" in result.stderr
-    assert list(tmp_path.glob("connections/date=*/hour=*/part-*.parquet"))
+    assert list(tmp_path.glob("*/date=*/hour=*/part-*.parquet"))

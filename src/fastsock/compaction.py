@@ -282,7 +282,18 @@ def _partition_hour(directory: Path) -> "datetime | None":
 def _part_files(directory: Path) -> list[Path]:
     # Part names start with their UTC write time, so name order is write order
     # among the files of one writer, and close to it across writers.
-    paths = [path for path in directory.iterdir() if PART_NAME.match(path.name)]
+    paths = []
+    for path in directory.iterdir():
+        if PART_NAME.match(path.name):
+            paths.append(path)
+        elif path.suffix == ".parquet":
+            # Queries read every *.parquet file, so a foreign one breaks them.
+            logger.warning(
+                "%s is not a file fastsock wrote, so compaction leaves it alone; "
+                "queries read it too, so move it out of the data directory if it "
+                "is not a fastsock Parquet file",
+                path,
+            )
     return sorted(path for path in paths if path.is_file())
 
 
