@@ -10,7 +10,6 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from fastsock import compaction
 from fastsock.collector import Collector
 from fastsock.compaction import compact
 from fastsock.errors import NoDataError

@@ -1,7 +1,6 @@
 """The committed notebook runs top to bottom on real collected data."""
 
 import json
-import os
 from pathlib import Path
 
 from harness import run_fastsock
