@@ -154,19 +154,31 @@ class AgentServer(flight.FlightServerBase):
         return sql, options
 
 
-def _pull_stream(answer: PullAnswer, request: PullRequest, requester: str):
-    started = time.monotonic()
+def _stream_with_reports(batches, schema: pa.Schema, reports, on_end):
+    """Yield the batches, then an empty batch whose metadata carries the reports.
+
+    reports is called after the last batch, since a federated query fills its
+    node reports while it streams. on_end(rows, outcome) runs however the
+    stream ends: "done", or "cancelled" when the client stopped reading.
+    """
     rows = 0
     outcome = "cancelled"
     try:
-        for batch in answer:
+        for batch in batches:
             rows += batch.num_rows
             yield batch
 
-        reports = [report.to_dict() for report in answer.reports]
-        yield _empty_batch(answer.schema), reports_metadata(reports)
+        metadata = reports_metadata([report.to_dict() for report in reports()])
+        yield _empty_batch(schema), metadata
         outcome = "done"
     finally:
+        on_end(rows, outcome)
+
+
+def _pull_stream(answer: PullAnswer, request: PullRequest, requester: str):
+    started = time.monotonic()
+
+    def log_pull(rows: int, outcome: str) -> None:
         log.info(
             "pull %s of %s from %s: %d rows in %.0f ms, %s",
             request.query_id,
@@ -177,19 +189,13 @@ def _pull_stream(answer: PullAnswer, request: PullRequest, requester: str):
             outcome,
         )
 
+    return _stream_with_reports(
+        answer, answer.schema, lambda: answer.reports, log_pull
+    )
+
 
 def _query_stream(query: FederatedQuery, reader, requester: str, started: float):
-    rows = 0
-    outcome = "cancelled"
-    try:
-        for batch in reader:
-            rows += batch.num_rows
-            yield batch
-
-        reports = [report.to_dict() for report in query.reports]
-        yield _empty_batch(reader.schema), reports_metadata(reports)
-        outcome = "done"
-    finally:
+    def log_query(rows: int, outcome: str) -> None:
         query.close()
         reached = sum(report.reached for report in query.reports)
         log.info(
@@ -202,6 +208,10 @@ def _query_stream(query: FederatedQuery, reader, requester: str, started: float)
             len(query.reports) - reached,
             outcome,
         )
+
+    return _stream_with_reports(
+        reader, reader.schema, lambda: query.reports, log_query
+    )
 
 
 def _empty_batch(schema: pa.Schema) -> pa.RecordBatch:
