@@ -357,11 +357,12 @@ def query(
 def status(data_dir: DataDirOption = None) -> None:
     """Show the collector's latest figures and its estimated miss rate.
 
-    Per host and network namespace: the last flush period's samples, sample
-    durations in milliseconds, rows parsed and skipped, attribution misses,
-    close events received and lost, and the TCP opens that the kernel counted
-    (ActiveOpens + PassiveOpens of net/snmp) against those recorded. The miss
-    rate is 1 - recorded / counted, for the last period and over all flushes.
+    For each host and network namespace it shows the last flush period's
+    samples, sample durations in milliseconds, rows parsed and skipped,
+    attribution misses and close events received and lost. It also shows the
+    TCP opens that the kernel counted (ActiveOpens + PassiveOpens of net/snmp)
+    against those recorded. The miss rate is 1 - recorded / counted, for the
+    last period and over all flushes.
 
     Example: fastsock status --data-dir ./data
     """

@@ -105,9 +105,9 @@ class Collector:
         """Take one snapshot and fold it into the lifetimes.
 
         Only the rows of sockets that were not open in the previous sample are
-        attributed, joined to their owners and handed to the lifetime tracker:
-        a socket's record keeps the columns of its first sight anyway, and
-        the state and counters of open sockets are read from NumPy columns.
+        attributed, joined to their owners and handed to the lifetime tracker,
+        because a socket's record keeps the columns of its first sight. The
+        state and counters of open sockets are read from NumPy columns.
         """
         stats = SnapshotStats()
         started = time.perf_counter()

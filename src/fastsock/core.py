@@ -1,4 +1,4 @@
-"""Import the compiled Cython core, or fail with a message that says how to build it.
+"""Import the compiled Cython core, or fail with an error that explains the rebuild.
 
 fastsock has no pure-Python fallback for its parsers: a slow path would make
 the sampler miss the short connections it exists to catch.

@@ -22,7 +22,7 @@ class QueryError(FastsockError, ValueError):
 
 
 class NoDataError(FastsockError, FileNotFoundError):
-    """The data directory holds no collected Parquet files."""
+    """The data directory contains no collected Parquet files."""
 
 
 class StoreError(FastsockError, OSError):

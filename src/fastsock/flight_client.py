@@ -49,7 +49,7 @@ class FlightAgentError(AgentError):
 
 
 def connect(endpoint: Endpoint, credentials: Credentials) -> flight.FlightClient:
-    """Open a Flight client to ``endpoint``; TLS when its scheme or a CA asks for it."""
+    """Open a Flight client to ``endpoint``, with TLS when its scheme or a CA requires it."""
     tls = endpoint.tls or credentials.tls_root_certs is not None
     target = Endpoint(endpoint.host, endpoint.port, tls)
     kwargs = {"generic_options": GRPC_OPTIONS}

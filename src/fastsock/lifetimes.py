@@ -6,9 +6,9 @@ missing from a later sample was seen to close. ``drain`` returns what
 closed since the last drain plus a checkpoint of everything still open, so
 long-lived entities are stored while they live.
 
-All work is vectorised over NumPy and Arrow columns: the cost of a sample with
-no changes is one hash probe per key (``_keyindex``), and the caller may pass
-only the rows of the keys that are not open yet (see ``observe``).
+All work is vectorised over NumPy and Arrow columns. A sample with no changes
+costs one hash probe per key (``_keyindex``). The caller may pass only the
+rows of the keys that are not open yet (see ``observe``).
 """
 
 from typing import Callable
@@ -232,7 +232,7 @@ def _first_of_each_key(keys: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """Return rows without repeated keys, keeping each key's first row.
 
     A read of a socket table that races with changes can list one socket
-    twice; two entities with one key would make the second look closed.
+    twice. Two entities with one key would make the second look closed.
     """
     if len(rows) < 2:
         return rows

@@ -1,4 +1,4 @@
-"""Where fastsock reads /proc from.
+"""The proc root: the directory that fastsock reads as /proc.
 
 Every read goes through a proc root chosen at call time: the ``proc_root``
 argument, else ``$FASTSOCK_PROC_ROOT``, else ``/proc``. Pointing it elsewhere

@@ -17,7 +17,7 @@ from fastsock.sockets import SkipLogger, TableReport, read_socket_tables
 
 log = logging.getLogger(__name__)
 
-# Where a Snapshotter reads the socket tables from (see Snapshotter.__init__).
+# Sources of the socket tables that a Snapshotter reads (see Snapshotter.__init__).
 SOURCES = ("proc", "netlink")
 
 # Columns that attribution adds to each socket row, after the socket columns.
