@@ -80,7 +80,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=50_000,
                         help="established loopback connections to hold")
-    parser.add_argument("--seconds", type=float, default=10.0,
+    parser.add_argument("--seconds", type=float, default=25.0,
                         help="seconds of `fastsock collect` per run")
     parser.add_argument("--sources", nargs="+", default=["proc", "netlink"],
                         help="socket sources to measure, in turn")

@@ -26,6 +26,7 @@ sys.path.insert(0, str(BENCH))
 from loopback import LoopbackConnections, raise_file_limit  # noqa: E402
 
 from fastsock.collector import Collector  # noqa: E402
+from fastsock.memory import use_returning_allocator  # noqa: E402
 from fastsock.records import socket_records  # noqa: E402
 from fastsock.snapshot import Snapshotter  # noqa: E402
 from fastsock.store import ParquetStore  # noqa: E402
@@ -59,6 +60,8 @@ def main() -> None:
                         help="established loopback connections to hold")
     args = parser.parse_args()
     raise_file_limit()
+    # As `fastsock collect` does.
+    use_returning_allocator()
 
     with LoopbackConnections(args.count), tempfile.TemporaryDirectory() as data_dir:
         print(f"== {args.count:,} loopback connections")

@@ -2,6 +2,8 @@
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
 
 from fastsock.lifetimes import LifetimeTracker
 
@@ -52,3 +54,82 @@ def test_closed_records_drained_once():
 
     assert first.num_rows == 1
     assert second.num_rows == 0
+
+
+def names_by_key(table):
+    return dict(zip(table.column("key").to_pylist(), table.column("name").to_pylist()))
+
+
+def test_key_closed_then_opened_again_is_a_new_entity():
+    tracker = LifetimeTracker()
+    observe(tracker, [1, 2], ["a", "b"], 100)
+    observe(tracker, [2], ["b"], 200)
+    opened = observe(tracker, [1, 2], ["a again", "b"], 300)
+
+    records = tracker.drain().to_pylist()
+    ones = sorted((r["first_seen_us"], r["closed"], r["name"]) for r in records
+                  if r["key"] == 1)
+    assert opened == 1
+    assert ones == [(100, True, "a"), (300, False, "a again")]
+
+
+def test_many_closes_keep_open_rows_and_records_right():
+    # Enough closes to pass the compaction threshold more than once, with
+    # sockets opening in every sample, as on a busy host.
+    tracker = LifetimeTracker()
+    alive = {}
+    closed_names = {}
+    next_key = 0
+    for sample in range(40):
+        for _ in range(500):
+            alive[next_key] = f"n{next_key}"
+            next_key += 1
+        for key in list(alive)[: 300 if sample % 3 else 0]:
+            closed_names[key] = alive.pop(key)
+        keys = np.array(list(alive), dtype=np.int64)
+        tracker.observe(keys, rows(*alive.values()), sample)
+        assert len(tracker) == len(alive)
+        assert tracker.null_count("name") == 0
+
+    # Rows of closed entities were dropped along the way.
+    assert len(tracker.all_rows()[0]) < next_key
+    drained = tracker.drain()
+    closed = drained.filter(drained.column("closed"))
+    still = drained.filter(pc.invert(drained.column("closed")))
+    assert names_by_key(closed) == closed_names
+    assert names_by_key(still) == alive
+    keys, open_rows = tracker.open_rows()
+    assert dict(zip(keys.tolist(), open_rows.column("name").to_pylist())) == alive
+
+
+def test_close_keys_rejects_a_key_that_is_not_open():
+    tracker = LifetimeTracker()
+    observe(tracker, [1, 2], ["a", "b"], 100)
+
+    with pytest.raises(ValueError, match=r"keys \[9\] are not open"):
+        tracker.close_keys(np.array([9]), np.array([150]))
+
+    tracker.close_keys(np.array([2]), np.array([150]))
+    records = {r["key"]: r for r in tracker.drain().to_pylist()}
+    assert records[2]["closed"] and records[2]["last_seen_us"] == 150
+    assert not records[1]["closed"]
+    assert len(tracker) == 1
+
+
+def test_null_count_counts_open_rows_only():
+    tracker = LifetimeTracker()
+    table = pa.table({"name": ["a", None, None]})
+    tracker.observe(np.array([1, 2, 3], dtype=np.int64), table, 100)
+    assert tracker.null_count("name") == 2
+
+    tracker.observe(np.array([1, 2], dtype=np.int64), table.slice(0, 2), 200)
+    assert tracker.null_count("name") == 1
+
+
+def test_checkpoint_does_not_change_with_later_samples():
+    tracker = LifetimeTracker()
+    observe(tracker, [1], ["a"], 100)
+    checkpoint = tracker.drain()
+    observe(tracker, [1], ["a"], 200)
+
+    assert checkpoint.column("last_seen_us").to_pylist() == [100]

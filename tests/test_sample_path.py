@@ -2,6 +2,7 @@
 
 import numpy as np
 import pyarrow as pa
+import pytest
 
 from fastsock import _keyindex
 from fastsock.collector import Collector
@@ -77,3 +78,12 @@ def test_steady_sample_resolves_new_inodes_only(peers, tmp_path):
     holders = collector.processes.open_rows()[1].column("pid").to_pylist()
     assert server.pid in holders
     assert client.pid in holders
+
+
+def test_key_index_leaves_out_flagged_positions():
+    keys = np.array([5, 6, 5, 7], dtype=np.int64)
+    index = _keyindex.KeyIndex(keys, left_out=np.array([True, False, False, False]))
+
+    assert index.find(np.array([5, 6, 7, 8], dtype=np.int64)).tolist() == [2, 1, 3, -1]
+    with pytest.raises(ValueError, match="left_out has 1 values for 4 keys"):
+        _keyindex.KeyIndex(keys, left_out=np.array([True]))

@@ -8,6 +8,11 @@ class KeyIndex:
 
     size: int
 
-    def __init__(self, keys: npt.NDArray[np.int64]) -> None: ...
+    def __init__(
+        self,
+        keys: npt.NDArray[np.int64],
+        left_out: npt.NDArray[np.bool_] | None = None,
+    ) -> None:
+        """Index keys; positions where left_out is True are not indexed."""
     def find(self, keys: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
         """Return the position of each key, or -1 for a key not in the index."""

@@ -37,10 +37,21 @@ cdef class KeyIndex:
     cdef uint64_t mask
     cdef public Py_ssize_t size
 
-    def __cinit__(self, const int64_t[::1] keys):
+    def __cinit__(self, const int64_t[::1] keys, left_out=None):
+        """Index keys; positions where the bool array left_out is True are not indexed."""
         cdef uint64_t slots = 16
         cdef Py_ssize_t i
         cdef uint64_t slot
+        cdef const unsigned char[::1] c_left_out = None
+        cdef bint has_left_out = left_out is not None
+
+        if has_left_out:
+            if len(left_out) != keys.shape[0]:
+                raise ValueError(
+                    f"left_out has {len(left_out)} values for {keys.shape[0]} keys; "
+                    "pass one bool per key"
+                )
+            c_left_out = np.ascontiguousarray(left_out, dtype=np.bool_).view(np.uint8)
 
         while slots < <uint64_t>(SLOTS_PER_KEY * keys.shape[0]):
             slots *= 2
@@ -55,6 +66,8 @@ cdef class KeyIndex:
             for i in range(<Py_ssize_t>slots):
                 self.slot_positions[i] = -1
             for i in range(keys.shape[0]):
+                if has_left_out and c_left_out[i]:
+                    continue
                 slot = slot_hash(keys[i]) & self.mask
                 while self.slot_positions[slot] >= 0:
                     if self.slot_keys[slot] == keys[i]:

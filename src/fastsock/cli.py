@@ -179,8 +179,11 @@ def _collect_settings(
     """Check the collection options and build the collector, or exit with the error."""
     from fastsock.collector import DEFAULT_FLUSH_INTERVAL, DEFAULT_INTERVAL, Collector
     from fastsock.flows import validate_bucket_seconds
+    from fastsock.memory import use_returning_allocator
     from fastsock.snapshot import Snapshotter
     from fastsock.store import ParquetStore
+
+    use_returning_allocator()
 
     interval = DEFAULT_INTERVAL if interval is None else interval
     flush_interval = DEFAULT_FLUSH_INTERVAL if flush_interval is None else flush_interval

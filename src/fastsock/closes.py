@@ -385,7 +385,10 @@ class KeyIndex:
     are indistinguishable, so an event with that key matches neither.
     """
 
-    def __init__(self, keys: np.ndarray) -> None:
+    def __init__(self, keys: np.ndarray, left_out: np.ndarray | None = None) -> None:
+        """Index keys by row; rows where the bool array left_out is True are not indexed."""
+        rows = np.arange(len(keys)) if left_out is None else np.flatnonzero(~left_out)
+        keys = keys[rows]
         order = np.argsort(keys, kind="stable")
         sorted_keys = keys[order]
         unique = np.ones(len(sorted_keys), dtype=bool)
@@ -394,7 +397,7 @@ class KeyIndex:
             unique[1:] &= ~repeated
             unique[:-1] &= ~repeated
         self.keys = sorted_keys[unique]
-        self.rows = order[unique]
+        self.rows = rows[order[unique]]
 
     def find(self, keys: np.ndarray) -> np.ndarray:
         """Return the row of each key, or -1 where no single row has it."""
@@ -408,12 +411,16 @@ class KeyIndex:
 class ListenerOwners:
     """The process of each (protocol, port) on which exactly one process listens."""
 
-    def __init__(self, sockets: pa.Table) -> None:
+    def __init__(self, sockets: pa.Table, is_open: np.ndarray | None = None) -> None:
+        """Find the listeners among sockets, only among the rows is_open marks if given."""
         is_udp = pc.equal(sockets.column("protocol"), "udp").to_numpy(
             zero_copy_only=False
         )
         codes = sockets.column("state_code").to_numpy()
-        listening = np.flatnonzero(is_listening(codes, is_udp))
+        listening = is_listening(codes, is_udp)
+        if is_open is not None:
+            listening &= is_open
+        listening = np.flatnonzero(listening)
         self.rows = sockets.take(pa.array(listening, pa.int64()))
 
         port_keys = self._port_keys(self.rows)
@@ -521,12 +528,16 @@ class CloseRecorder:
             keys = np.where(netns == self.netns, keys, 0)
         return keys
 
+    def _own_row_mask(self, rows: pa.Table) -> np.ndarray | bool:
+        """Return which rows are of self.netns: True when either has no netns."""
+        if self.netns is None or "netns" not in rows.column_names:
+            return True
+        return rows.column("netns").fill_null(-1).to_numpy() == self.netns
+
     def _own_rows(self, rows: pa.Table) -> pa.Table:
         """Return the rows of self.netns, or all rows when either has no netns."""
-        if self.netns is None or "netns" not in rows.column_names:
-            return rows
-        netns = rows.column("netns").fill_null(-1).to_numpy()
-        return rows.filter(pa.array(netns == self.netns))
+        own = self._own_row_mask(rows)
+        return rows if own is True else rows.filter(pa.array(own))
 
     def _remember_closed(self, tracker: LifetimeTracker, now_us: int) -> None:
         closed = tracker.closed_in_last_observe
@@ -543,11 +554,12 @@ class CloseRecorder:
         self._recent = [recent.filter(pa.array(keep))] if keep.any() else []
 
     def _close_open(self, events: pa.Table, tracker: LifetimeTracker) -> pa.Table:
-        keys, rows = tracker.open_rows()
+        keys, rows, is_open = tracker.all_rows()
         if rows is None or rows.num_rows == 0:
             return events
 
-        row_of_event = KeyIndex(self._match_keys(rows)).find(self._match_keys(events))
+        index = KeyIndex(self._match_keys(rows), left_out=~is_open)
+        row_of_event = index.find(self._match_keys(events))
         matched = np.flatnonzero(row_of_event >= 0)
         if len(matched):
             picked = events.take(pa.array(matched, pa.int64()))
@@ -591,11 +603,11 @@ class CloseRecorder:
         if events.num_rows == 0:
             return 0
 
-        _keys, rows = tracker.open_rows()
+        _keys, rows, is_open = tracker.all_rows()
         if rows is None:
             return 0
         # A listener covers the connections of its own namespace only.
-        owners = ListenerOwners(self._own_rows(rows))
+        owners = ListenerOwners(rows, is_open & self._own_row_mask(rows))
         owner_row = owners.find(events)
         linked = owner_row >= 0
         self.counts["unseen"] += events.num_rows

@@ -14,6 +14,7 @@ from fastsock.dependencies import DependencyModel
 from fastsock.errors import FastsockError, StoreError
 from fastsock.flows import DEFAULT_BUCKET_SECONDS
 from fastsock.lifetimes import LifetimeTracker
+from fastsock.memory import release_unused
 from fastsock.netlink import COUNTER_COLUMNS
 from fastsock.netns import namespaces_read, reports_by_namespace
 from fastsock.records import process_keys, process_records, socket_keys, socket_records
@@ -31,6 +32,10 @@ DEFAULT_INTERVAL = 0.2
 
 # Default seconds between flushes to Parquet: what a crash can lose at most.
 DEFAULT_FLUSH_INTERVAL = 10.0
+
+# A sample that opens this many sockets (the first one on a busy host) gives
+# the memory of its temporary tables back to the kernel (see fastsock.memory).
+RELEASE_AFTER_OPENED = 10_000
 
 
 @dataclass
@@ -102,6 +107,17 @@ class Collector:
         self.flush_hour: datetime | None = None
 
     def sample(self) -> None:
+        """Take one snapshot and fold it into the lifetimes (see _sample).
+
+        A sample that opened many sockets gives the memory of its temporary
+        tables back to the kernel afterwards (see fastsock.memory).
+        """
+        opened_before = self.status.opened
+        self._sample()
+        if self.status.opened - opened_before >= RELEASE_AFTER_OPENED:
+            release_unused()
+
+    def _sample(self) -> None:
         """Take one snapshot and fold it into the lifetimes.
 
         Only the rows of sockets that were not open in the previous sample are
@@ -122,13 +138,23 @@ class Collector:
         new = np.flatnonzero(positions < 0)
 
         # The snapshot of this sample: rows with inode 0 and new sockets.
-        picked = np.sort(np.concatenate([np.flatnonzero(inodes == 0), live_rows[new]]))
-        table = self.snapshotter.attribute(sockets.take(pa.array(picked)))
-        fresh = table.filter(pa.array(table.column("inode").to_numpy() != 0))
+        # Each copy of the rows is skipped where it would keep every row, as in
+        # the first sample.
+        if len(new) == len(live_rows):
+            picked_sockets = sockets
+        else:
+            picked = np.sort(np.concatenate([np.flatnonzero(inodes == 0), live_rows[new]]))
+            picked_sockets = sockets.take(pa.array(picked))
+        table = self.snapshotter.attribute(picked_sockets)
+        fresh = table
+        if len(live_rows) < len(inodes):
+            fresh = table.filter(pa.array(table.column("inode").to_numpy() != 0))
         fresh = self.dependencies.observe(table, fresh, stats.time_us)
 
         def fresh_rows(indices: np.ndarray) -> pa.Table:
             # indices are positions in keys, all among new, in fresh's order.
+            if len(indices) == fresh.num_rows:
+                return fresh
             return fresh.take(pa.array(np.searchsorted(new, indices), pa.int64()))
 
         opened = self.sockets.observe(
@@ -184,15 +210,21 @@ class Collector:
 
     def _unattributed_open(self) -> int:
         """Return how many open sockets had no owner at their first sight."""
-        _keys, rows = self.sockets.open_rows()
-        return 0 if rows is None else rows.column("pid").null_count
+        return self.sockets.null_count("pid")
 
     def flush(self) -> bool:
         """Store what closed and a checkpoint of what is open; True on success.
 
         On a write error the closed records stay in memory for the next flush,
-        and no stored file is touched.
+        and no stored file is touched. The memory that the flush's tables used
+        is given back to the kernel afterwards (see fastsock.memory).
         """
+        try:
+            return self._flush()
+        finally:
+            release_unused()
+
+    def _flush(self) -> bool:
         host, netns = self.snapshotter.host, self.snapshotter.netns
         if self.closes is not None:
             # Events received since the last sample close their records now.

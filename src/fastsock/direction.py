@@ -37,6 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from fastsock.identity import combine
+from fastsock.joins import inner_join_rows
 from fastsock.schema import TIMESTAMP
 
 log = logging.getLogger(__name__)
@@ -86,17 +87,6 @@ HISTORY_SCHEMA = pa.schema(
 
 # Columns that identify a listener's port; ListenerHistory joins on them.
 PORT_KEYS = ["netns", "protocol", "socket_family", "local_port"]
-
-# Columns of the (connection, listener) pairs that ListenerHistory.covering joins.
-_PAIR_COLUMNS = [
-    "row",
-    "listener_row",
-    "first_seen_us",
-    "last_seen_us",
-    "opened_after_us",
-    "conn_last_us",
-]
-
 
 def read_ephemeral_ports(proc_root: str) -> tuple[int, int]:
     """Return the kernel's ephemeral port range, low and high, both included.
@@ -173,57 +163,38 @@ class ListenerHistory:
         )
         conns = pa.table(
             {
-                "row": pa.array(np.arange(connections.num_rows)),
                 "netns": _netns(connections),
                 "protocol": connections.column("protocol"),
                 "socket_family": connections.column("socket_family"),
                 "local_port": connections.column("local_port"),
                 "local_addr": connections.column("local_addr"),
                 "wildcard": wildcard,
-                "opened_after_us": connections.column("opened_after_us"),
-                "conn_last_us": connections.column("last_seen_us"),
             }
         )
         listeners = pa.table(
             {
-                "listener_row": pa.array(np.arange(self.table.num_rows)),
                 "netns": _netns(self.table),
                 "protocol": self.table.column("protocol"),
                 "socket_family": self.table.column("socket_family"),
                 "local_port": self.table.column("local_port"),
                 "listener_addr": self.table.column("local_addr"),
-                "first_seen_us": self.table.column("first_seen_us"),
-                "last_seen_us": self.table.column("last_seen_us"),
             }
         )
+        listener_keys = PORT_KEYS + ["listener_addr"]
+        exact = inner_join_rows(conns, listeners, PORT_KEYS + ["local_addr"], listener_keys)
+        wild = inner_join_rows(conns, listeners, PORT_KEYS + ["wildcard"], listener_keys)
+        rows = np.concatenate([exact[0], wild[0]])
+        listener_rows = np.concatenate([exact[1], wild[1]])
 
-        exact = conns.join(
-            listeners,
-            keys=PORT_KEYS + ["local_addr"],
-            right_keys=PORT_KEYS + ["listener_addr"],
-            join_type="inner",
+        # The listener was open at some time while the connection may have opened.
+        conn_last = connections.column("last_seen_us").to_numpy()[rows]
+        opened_after = (
+            connections.column("opened_after_us").to_numpy(zero_copy_only=False)[rows]
         )
-        wild = conns.join(
-            listeners,
-            keys=PORT_KEYS + ["wildcard"],
-            right_keys=PORT_KEYS + ["listener_addr"],
-            join_type="inner",
-        )
-        pairs = pa.concat_tables(
-            [exact.select(_PAIR_COLUMNS), wild.select(_PAIR_COLUMNS)]
-        )
-
-        alive = pc.and_(
-            pc.less_equal(pairs.column("first_seen_us"), pairs.column("conn_last_us")),
-            pc.greater_equal(
-                pairs.column("last_seen_us"), pairs.column("opened_after_us")
-            ),
-        )
-        pairs = pairs.filter(alive)
-        return (
-            pairs.column("row").to_numpy(),
-            pairs.column("listener_row").to_numpy(),
-        )
+        first_seen = self.table.column("first_seen_us").to_numpy()[listener_rows]
+        last_seen = self.table.column("last_seen_us").to_numpy()[listener_rows]
+        alive = (first_seen <= conn_last) & (last_seen >= opened_after)
+        return rows[alive], listener_rows[alive]
 
     def prune(self, open_connections: pa.Table, now_us: int) -> int:
         """Forget closed listeners that no open connection can need; return how many.
@@ -339,7 +310,6 @@ def _peer_is_inbound(connections: pa.Table, codes: np.ndarray) -> np.ndarray:
 
     ends = pa.table(
         {
-            "row": pa.array(np.arange(rows)),
             "netns": _netns(connections),
             "protocol": connections.column("protocol"),
             "local_addr": connections.column("local_addr"),
@@ -348,27 +318,12 @@ def _peer_is_inbound(connections: pa.Table, codes: np.ndarray) -> np.ndarray:
             "remote_port": connections.column("remote_port"),
         }
     )
-    servers = ends.take(pa.array(inbound)).rename_columns(
-        [
-            "server_row",
-            "netns",
-            "protocol",
-            "remote_addr",
-            "remote_port",
-            "local_addr",
-            "local_port",
-        ]
-    )
-    keys = [
-        "netns",
-        "protocol",
-        "local_addr",
-        "local_port",
-        "remote_addr",
-        "remote_port",
-    ]
-    matched = ends.join(servers, keys=keys, join_type="inner")
-    result[matched.column("row").to_numpy()] = True
+    servers = ends.take(pa.array(inbound))
+    keys = ["netns", "protocol", "local_addr", "local_port", "remote_addr", "remote_port"]
+    # A server end's local side is its peer's remote side.
+    swapped = ["netns", "protocol", "remote_addr", "remote_port", "local_addr", "local_port"]
+    matched, _ = inner_join_rows(ends, servers, keys, swapped)
+    result[matched] = True
     return result
 
 

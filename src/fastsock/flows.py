@@ -110,7 +110,11 @@ class FlowAggregator:
     def __init__(self, bucket_seconds: int = DEFAULT_BUCKET_SECONDS) -> None:
         self.bucket_us = validate_bucket_seconds(bucket_seconds) * 1_000_000
         self._text_ids = TextIds()
+        # Numbers only: conn_id, edge_id, first_us, last_us, live, closed.
         self._intervals: pa.Table | None = None
+        # The EDGE_COLUMNS of each edge_id that an interval names, once each:
+        # many connections share an edge, so their text is kept once.
+        self._edges: pa.Table | None = None
         self._written = np.empty((0, 5), dtype=np.int64)
         self._unwritten: pa.Table | None = None
         self._updated_until_us: int | None = None
@@ -158,18 +162,39 @@ class FlowAggregator:
             ids(edges["remote_addr"]),
             integer_ids(edges["remote_port"]),
         )
+        self._remember_edges(edge_id, edges)
         live = pc.equal(connections.column("detected_by"), "live").fill_null(False)
         return pa.table(
             {
                 "conn_id": connections.column("conn_id"),
                 "edge_id": pa.array(edge_id, pa.int64()),
-                **edges,
                 "first_us": connections.column("first_seen").cast(pa.int64()),
                 "last_us": connections.column("last_seen").cast(pa.int64()),
                 "live": live,
                 "closed": connections.column("closed"),
             }
         )
+
+    def _remember_edges(self, edge_id: np.ndarray, edges: dict) -> None:
+        """Keep the edge columns of each edge_id not kept yet."""
+        ids, first = np.unique(edge_id, return_index=True)
+        if self._edges is not None:
+            first = first[~np.isin(ids, self._edges.column("edge_id").to_numpy())]
+        if len(first) == 0:
+            return
+        new = pa.table(edges).take(pa.array(np.sort(first), pa.int64()))
+        new = new.append_column("edge_id", pa.array(edge_id[np.sort(first)], pa.int64()))
+        if self._edges is None:
+            self._edges = new.combine_chunks()
+        else:
+            self._edges = pa.concat_tables([self._edges, new]).combine_chunks()
+
+    def _edges_of(self, edge_ids: np.ndarray) -> pa.Table:
+        """Return the EDGE_COLUMNS of each edge id, all of them kept."""
+        kept = self._edges.column("edge_id").to_numpy()
+        order = np.argsort(kept)
+        rows = order[np.searchsorted(kept[order], edge_ids)]
+        return self._edges.select(EDGE_COLUMNS).take(pa.array(rows, pa.int64()))
 
     def _dirty_from(self, incoming: pa.Table) -> int | None:
         """Return the earliest time whose bucket the incoming records change."""
@@ -260,11 +285,8 @@ class FlowAggregator:
             groups,
         )
 
-        representative = np.zeros(groups, dtype=np.int64)
-        representative[group] = source
-        edges = intervals.select(EDGE_COLUMNS).take(pa.array(representative))
         return self._flow_table(
-            edges,
+            self._edges_of(pairs[:, 1]),
             pairs,
             bucket_start,
             opened,
@@ -344,6 +366,11 @@ class FlowAggregator:
             )
             old = pc.less(intervals.column("last_us"), self._horizon_us)
             self._intervals = intervals.filter(pc.invert(pc.and_(finished, old)))
+        if self._edges is not None:
+            named = self._intervals.column("edge_id").to_numpy()
+            used = np.isin(self._edges.column("edge_id").to_numpy(), named)
+            if not used.all():
+                self._edges = self._edges.filter(pa.array(used))
 
         written = self._written
         if len(written):

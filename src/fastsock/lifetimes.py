@@ -20,23 +20,45 @@ from fastsock.core import load_extension
 
 _keyindex = load_extension("_keyindex")
 
+# Closed entities whose rows the tracker keeps before it copies the open ones
+# into one table: at least this many, and at least half the open ones. Below
+# that, a close only clears a flag, so a busy host does not copy every row of
+# every open socket at each sample.
+COMPACT_AT_LEAST = 4096
+
+
 class LifetimeTracker:
     """Track entities across samples by key.
 
     ``rows`` passed to :meth:`observe` hold the entity's attributes as first
     seen. ``state`` (optional, int8 per row) is the one attribute that may
     change during a lifetime, so it is kept from the latest sample.
+
+    Entities are kept in the order they opened, one position each. A closed
+    entity keeps its position, flagged as closed, until enough have closed to
+    be worth a copy of the open rows (see COMPACT_AT_LEAST). The rows are
+    kept as a few tables that share no buffers: each new sample's rows are
+    appended as a table of their own, and the newest two are merged whenever
+    the older is at most twice the newer, so that there are never more than
+    about log2(rows) of them and a row is copied about log2(rows) times.
     """
 
     def __init__(self) -> None:
-        self._rows: pa.Table | None = None
+        self._parts: list[pa.Table] = []
+        self._schema: pa.Schema | None = None
+        # The parts as one table (no copy), built on first use after a change.
+        self._table: pa.Table | None = None
         self._keys = np.empty(0, dtype=np.int64)
         self._first_seen = np.empty(0, dtype=np.int64)
         self._last_seen = np.empty(0, dtype=np.int64)
         self._state = np.empty(0, dtype=np.int8)
+        self._open = np.empty(0, dtype=bool)
+        self._open_count = 0
         self._closed_parts: list[pa.Table] = []
-        # Hash index of _keys, built on the first find() after they change.
+        # Hash index of the open keys, built on the first find() after a change.
         self._index = None
+        # Null counts per column name: (version, count); see null_count.
+        self._null_counts: dict[str, tuple[int, int]] = {}
 
         # Columns kept from the latest sample, by name (see observe's latest).
         self._latest: dict[str, np.ndarray] = {}
@@ -44,19 +66,19 @@ class LifetimeTracker:
         self.closed_in_last_observe: pa.Table | None = None
         # Row indices, into the latest observe's rows, of the entities it opened.
         self.opened_in_last_observe = np.empty(0, dtype=np.int64)
+        # Grows whenever an entity opens or closes.
+        self.version = 0
 
     def __len__(self) -> int:
-        return len(self._keys)
-
-    @property
-    def open_keys(self) -> np.ndarray:
-        """Keys of the entities seen in the latest sample, sorted."""
-        return self._keys
+        return self._open_count
 
     def find(self, keys: np.ndarray) -> np.ndarray:
-        """Return the index of each key among the open entities, or -1 if not open."""
+        """Return the position of each key among the open entities, or -1 if not open.
+
+        Positions index the arrays that all_rows returns.
+        """
         if self._index is None:
-            self._index = _keyindex.KeyIndex(self._keys)
+            self._index = _keyindex.KeyIndex(self._keys, left_out=~self._open)
         return self._index.find(np.ascontiguousarray(keys, dtype=np.int64))
 
     def observe(
@@ -84,8 +106,8 @@ class LifetimeTracker:
             state = np.zeros(len(keys), dtype=np.int8)
         if not callable(rows):
             rows = _taker(rows)
-        if self._rows is None:
-            self._rows = rows(np.empty(0, dtype=np.int64))
+        if self._schema is None:
+            self._schema = rows(np.empty(0, dtype=np.int64)).schema
             self._latest = {
                 name: np.empty(0, dtype=np.int64) for name in (latest or {})
             }
@@ -100,22 +122,48 @@ class LifetimeTracker:
         for name, values in latest.items():
             self._latest[name][matched] = values[known]
 
-        still_open = np.zeros(len(self._keys), dtype=bool)
-        still_open[matched] = True
-        if not still_open.all():
-            self._close(np.flatnonzero(~still_open))
+        if len(matched) < self._open_count:
+            missing = self._open.copy()
+            missing[matched] = False
+            closed = np.flatnonzero(missing)
+            self.closed_in_last_observe = self._close(closed)
 
         new = _first_of_each_key(keys, np.flatnonzero(~known))
         self.opened_in_last_observe = new
         if len(new):
             for name, values in latest.items():
                 self._latest[name] = np.concatenate([self._latest[name], values[new]])
-            self._open(keys[new], rows(new), time_us, state[new])
+            self._append(keys[new], rows(new), time_us, state[new])
+        self._compact_if_sparse()
         return len(new)
 
+    def all_rows(self) -> tuple[np.ndarray, pa.Table | None, np.ndarray]:
+        """Return keys, first-seen rows and an open flag of every kept entity.
+
+        The three are aligned with the positions of find. Closed entities
+        that the tracker has not dropped yet have the flag False. Nothing is
+        copied; the rows are None before any sample.
+        """
+        return self._keys, self._rows(), self._open
+
     def open_rows(self) -> tuple[np.ndarray, pa.Table | None]:
-        """Return the keys of the open entities, sorted, and their first-seen rows."""
-        return self._keys, self._rows
+        """Return the keys of the open entities and their first-seen rows."""
+        if self._open_count < len(self._keys):
+            self._compact()
+        return self._keys, self._rows()
+
+    def null_count(self, column: str) -> int:
+        """Return how many open entities have a NULL in column of their rows."""
+        cached = self._null_counts.get(column)
+        if cached is not None and cached[0] == self.version:
+            return cached[1]
+        rows = self._rows()
+        count = 0
+        if rows is not None and rows.column(column).null_count:
+            valid = rows.column(column).is_valid().to_numpy(zero_copy_only=False)
+            count = int(np.count_nonzero(self._open & ~valid))
+        self._null_counts[column] = (self.version, count)
+        return count
 
     def close_keys(
         self,
@@ -125,12 +173,15 @@ class LifetimeTracker:
     ) -> None:
         """Close open entities at the given times, as close events report them.
 
-        keys must be open (see open_rows) and unique, and time_us has one
-        value per key. replace maps column names of the rows to arrays, one
-        value per key, that replace the stored values in the closed records.
+        keys must be open and unique, and time_us has one value per key.
+        replace maps column names of the rows to arrays, one value per key,
+        that replace the stored values in the closed records.
         """
-        indices = np.searchsorted(self._keys, keys)
-        records = self._records(indices, closed=True)
+        indices = self.find(keys)
+        if (indices < 0).any():
+            missing = np.asarray(keys)[indices < 0][:3].tolist()
+            raise ValueError(f"keys {missing} are not open; close only open keys")
+        records = self._close(indices)
         records = records.set_column(
             records.schema.get_field_index("last_seen_us"),
             "last_seen_us",
@@ -140,44 +191,80 @@ class LifetimeTracker:
             position = records.schema.get_field_index(name)
             field = records.schema.field(position)
             records = records.set_column(position, field, values.cast(field.type))
+        self._closed_parts[-1] = records
+        self._compact_if_sparse()
+
+    def _close(self, indices: np.ndarray) -> pa.Table:
+        """Flag the entities at indices closed and keep their records for drain."""
+        records = self._records(indices, closed=True)
         self._closed_parts.append(records)
+        self._open[indices] = False
+        self._open_count -= len(indices)
+        self._changed()
+        return records
 
-        keep = np.ones(len(self._keys), dtype=bool)
-        keep[indices] = False
-        self._select(np.flatnonzero(keep))
-
-    def _close(self, closed: np.ndarray) -> None:
-        records = self._records(closed, closed=True)
-        self.closed_in_last_observe = records
-        self._closed_parts.append(records)
-        keep = np.ones(len(self._keys), dtype=bool)
-        keep[closed] = False
-        self._select(np.flatnonzero(keep))
-
-    def _open(self, keys, rows, time_us, state) -> None:
-        self._rows = pa.concat_tables([self._rows, rows.cast(self._rows.schema)])
+    def _append(self, keys, rows, time_us, state) -> None:
+        self._parts.append(rows.cast(self._schema))
+        while len(self._parts) > 1 and (
+            self._parts[-2].num_rows <= 2 * self._parts[-1].num_rows
+        ):
+            newer = self._parts.pop()
+            older = self._parts.pop()
+            self._parts.append(pa.concat_tables([older, newer]).combine_chunks())
         self._keys = np.concatenate([self._keys, keys])
-        self._first_seen = np.concatenate(
-            [self._first_seen, np.full(len(keys), time_us, dtype=np.int64)]
-        )
-        self._last_seen = np.concatenate(
-            [self._last_seen, np.full(len(keys), time_us, dtype=np.int64)]
-        )
+        times = np.full(len(keys), time_us, dtype=np.int64)
+        self._first_seen = np.concatenate([self._first_seen, times])
+        self._last_seen = np.concatenate([self._last_seen, times])
         self._state = np.concatenate([self._state, state.astype(np.int8)])
-        self._select(np.argsort(self._keys, kind="stable"))
+        self._open = np.concatenate([self._open, np.ones(len(keys), dtype=bool)])
+        self._open_count += len(keys)
+        self._changed()
 
-    def _select(self, indices: np.ndarray) -> None:
-        self._rows = self._rows.take(pa.array(indices, pa.int64()))
-        self._keys = self._keys[indices]
+    def _changed(self) -> None:
+        self._table = None
         self._index = None
-        self._first_seen = self._first_seen[indices]
-        self._last_seen = self._last_seen[indices]
-        self._state = self._state[indices]
-        for name, values in self._latest.items():
-            self._latest[name] = values[indices]
+        self.version += 1
 
-    def _records(self, indices: np.ndarray, closed: bool) -> pa.Table:
-        table = self._rows.take(pa.array(indices, pa.int64()))
+    def _rows(self) -> pa.Table | None:
+        if self._schema is None:
+            return None
+        if self._table is None:
+            self._table = (
+                pa.concat_tables(self._parts)
+                if self._parts
+                else self._schema.empty_table()
+            )
+        return self._table
+
+    def _compact_if_sparse(self) -> None:
+        closed = len(self._keys) - self._open_count
+        if closed >= COMPACT_AT_LEAST and closed * 2 >= self._open_count:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Drop the rows of closed entities: one copy of the open rows."""
+        kept = np.flatnonzero(self._open)
+        rows = self._rows().take(pa.array(kept, pa.int64()))
+        self._parts = [rows.combine_chunks()] if rows.num_rows else []
+        self._keys = self._keys[kept]
+        self._first_seen = self._first_seen[kept]
+        self._last_seen = self._last_seen[kept]
+        self._state = self._state[kept]
+        self._open = np.ones(len(kept), dtype=bool)
+        for name, values in self._latest.items():
+            self._latest[name] = values[kept]
+        self._changed()
+
+    def _records(self, indices: np.ndarray | None, closed: bool) -> pa.Table:
+        """Return the records of the entities at indices, or of all kept ones."""
+        table = self._rows()
+        if indices is None:
+            # The rows are immutable and shared; the NumPy columns change in
+            # place at each sample, so they are copied by the indexing below.
+            indices = np.arange(len(self._keys))
+        else:
+            table = table.take(pa.array(indices, pa.int64()))
+        count = len(indices)
         for name, values in self._latest.items():
             position = table.schema.get_field_index(name)
             field = table.schema.field(position)
@@ -189,9 +276,7 @@ class LifetimeTracker:
             .append_column("state_code_last", pa.array(self._state[indices]))
             .append_column("first_seen_us", pa.array(self._first_seen[indices]))
             .append_column("last_seen_us", pa.array(self._last_seen[indices]))
-            .append_column(
-                "closed", pa.array(np.full(len(indices), closed, dtype=bool))
-            )
+            .append_column("closed", pa.array(np.full(count, closed, dtype=bool)))
         )
 
     def drain(self) -> pa.Table | None:
@@ -199,11 +284,15 @@ class LifetimeTracker:
 
         Closed records are handed out once; open ones appear again at every
         drain with their latest last sight. Returns None before any sample.
+        The checkpoint shares the tracker's buffers, so it costs no copy of
+        the rows.
         """
-        if self._rows is None:
+        if self._schema is None:
             return None
+        if self._open_count < len(self._keys):
+            self._compact()
         parts = self._closed_parts
-        parts.append(self._records(np.arange(len(self._keys)), closed=False))
+        parts.append(self._records(None, closed=False))
         self._closed_parts = []
         # Restored records of close events have columns that samples lack.
         return pa.concat_tables(parts, promote_options="default")
@@ -216,7 +305,9 @@ class LifetimeTracker:
 
     def close_all(self) -> None:
         """Forget open entities without marking them closed (collection stops)."""
-        self._select(np.empty(0, dtype=np.int64))
+        self._open[:] = False
+        self._open_count = 0
+        self._compact()
 
 
 def _taker(rows: pa.Table) -> Callable[[np.ndarray], pa.Table]:

@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 from fastsock import schema
 from fastsock.direction import INBOUND, ListenerHistory
 from fastsock.identity import combine, text_id
+from fastsock.joins import inner_join_rows
 from fastsock.records import NO_HOLDER
 from fastsock.sockets import PROTOCOL_SCALARS, decode_states
 from fastsock.textids import TextIds
@@ -150,22 +151,15 @@ def _tuples(connections: pa.Table) -> pa.Table | None:
 
 def _without(detected: pa.Table, tracked: pa.Table) -> pa.Table:
     """Drop the detections whose namespace and four-tuple appear in tracked."""
-    keyed = detected.append_column(
-        "detection_row", pa.array(np.arange(detected.num_rows))
+    keys = ["netns", *FOUR_TUPLE[1:]]
+    detected_keys = detected.select(keys)
+    detected_keys = detected_keys.set_column(
+        0, "netns", detected_keys.column("netns").fill_null(0)
     )
-    keyed = keyed.set_column(
-        keyed.schema.get_field_index("netns"),
-        "netns_key",
-        keyed.column("netns").fill_null(0),
-    )
-    right = tracked.rename_columns(["netns_key", *FOUR_TUPLE[1:]])
-    untracked = keyed.select(["detection_row", "netns_key", *FOUR_TUPLE[1:]]).join(
-        right.group_by(right.column_names).aggregate([]),
-        keys=["netns_key", *FOUR_TUPLE[1:]],
-        join_type="left anti",
-    )
-    rows = np.sort(untracked.column("detection_row").to_numpy())
-    return detected.take(pa.array(rows, pa.int64()))
+    matched, _ = inner_join_rows(detected_keys, tracked, keys, list(tracked.column_names))
+    untracked = np.ones(detected.num_rows, dtype=bool)
+    untracked[matched] = False
+    return detected.filter(pa.array(untracked))
 
 
 def detection_records(
