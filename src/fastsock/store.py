@@ -235,8 +235,14 @@ def split_by_hour(table: pa.Table) -> Iterator[tuple[str, pa.Table]]:
     ``last_seen`` must be a timestamp in UTC with no nulls.
     """
     hours = pc.floor_temporal(table.column("last_seen"), unit="hour")
+    distinct = sorted(pc.unique(hours).to_pylist())
+    if len(distinct) == 1:
+        # The usual flush: no filter, which would copy every row.
+        hour = distinct[0]
+        yield f"date={hour:%Y-%m-%d}/hour={hour:%H}", table
+        return
 
-    for hour in sorted(pc.unique(hours).to_pylist()):
+    for hour in distinct:
         rows = table.filter(pc.equal(hours, pa.scalar(hour, type=hours.type)))
         yield f"date={hour:%Y-%m-%d}/hour={hour:%H}", rows
 
