@@ -199,3 +199,51 @@ def test_without_net_admin_polling_goes_on(peers, server, tmp_path):
         assert stderr.count("close events are off") == 1, stderr
         assert "CAP_NET_ADMIN" in stderr
         assert short == []
+
+
+def test_burst_of_short_connections_is_recorded_whole(server, tmp_path):
+    # A burst of closes arrives a few per read, and the reader thread hands
+    # them over in batches. None may be lost on the way to the store.
+    collector = Collector(tmp_path, "--interval", "0.5", "--duration", "4",
+                          "--flush-interval", "3600")
+    ports = []
+    for _ in range(3000):
+        client, accepted = tcp_pair(server)
+        ports.append(client.getsockname()[1])
+        client.close()
+        accepted.close()
+    collector.wait()
+
+    server_port = server.getsockname()[1]
+    rows = query_json(
+        tmp_path,
+        f"SELECT local_port FROM connections WHERE protocol = 'tcp' "
+        f"AND remote_port = {server_port} AND local_addr = '127.0.0.1'",
+    )
+    assert {row["local_port"] for row in rows} >= set(ports)
+
+
+def test_waiting_records_flush_before_the_interval(server, tmp_path, monkeypatch):
+    import threading
+
+    from fastsock import collector as collector_module
+    from fastsock.snapshot import Snapshotter
+    from fastsock.store import ParquetStore
+
+    monkeypatch.setattr(collector_module, "FLUSH_AT_RECORDS", 100)
+    collector = collector_module.Collector(Snapshotter(), ParquetStore(tmp_path))
+
+    def open_then_close():
+        pairs = [tcp_pair(server) for _ in range(100)]
+        time.sleep(0.5)
+        for client, accepted in pairs:
+            client.close()
+            accepted.close()
+
+    churn = threading.Thread(target=open_then_close)
+    churn.start()
+    status = collector.run(0.05, 3600, threading.Event(), duration=1.5)
+    churn.join()
+
+    # The 200 closed ends (100 connections) made one flush before the last.
+    assert status.flushes >= 2

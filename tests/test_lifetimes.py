@@ -133,3 +133,12 @@ def test_checkpoint_does_not_change_with_later_samples():
     observe(tracker, [1], ["a"], 200)
 
     assert checkpoint.column("last_seen_us").to_pylist() == [100]
+
+
+def test_close_keys_rejects_a_repeated_key():
+    tracker = LifetimeTracker()
+    observe(tracker, [1, 2], ["a", "b"], 100)
+
+    with pytest.raises(ValueError, match="keys repeat"):
+        tracker.close_keys(np.array([1, 1]), np.array([150, 160]))
+    assert len(tracker) == 2

@@ -23,6 +23,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from collections import Counter
 from typing import Callable
 
@@ -66,6 +67,14 @@ RECEIVE_BUFFER_BYTES = 16 * 1024 * 1024
 # should stop, in milliseconds, and how many datagrams it reads per wait.
 POLL_TIMEOUT_MS = 100
 MAX_DATAGRAMS_PER_READ = 4096
+
+# The reader thread hands received events over in batches: when this many
+# seconds passed since the batch's first event, or when it holds this many.
+# At thousands of closes per second each read returns a few events, and a
+# table per read made the collector spend seconds per sample building and
+# concatenating them.
+BATCH_SECONDS = 0.02
+BATCH_EVENTS = 65536
 
 # Seconds a record that sampling closed stays matchable by a late event. The
 # kernel sends the event from a work queue after the socket left the table,
@@ -200,22 +209,41 @@ class CloseListener:
 
     def _run(self) -> None:
         fd = self._socket.fileno()
+        buffer = _netlink.DiagBuffer()
+        deadline = None
         while not self._stop.is_set():
-            buffer = _netlink.DiagBuffer()
+            # Wait no longer than the handover time of the events held.
+            timeout_ms = POLL_TIMEOUT_MS
+            if deadline is not None:
+                timeout_ms = max(1, int((deadline - time.monotonic()) * 1000))
+            overruns = buffer.overruns
             try:
-                _netlink.read_events(
-                    buffer, fd, POLL_TIMEOUT_MS, MAX_DATAGRAMS_PER_READ
-                )
+                _netlink.read_events(buffer, fd, timeout_ms, MAX_DATAGRAMS_PER_READ)
             except OSError as error:
                 self._report_read_error(error)
                 self._stop.wait(POLL_TIMEOUT_MS / 1000)
                 continue
+            if buffer.overruns != overruns:
+                with self._lock:
+                    self.overruns += buffer.overruns - overruns
 
-            with self._lock:
-                self.overruns += buffer.overruns
-                if len(buffer):
-                    self._pending.append(buffer)
-                    self.received += len(buffer)
+            if len(buffer) and deadline is None:
+                deadline = time.monotonic() + BATCH_SECONDS
+            if deadline is not None and (
+                len(buffer) >= BATCH_EVENTS or time.monotonic() >= deadline
+            ):
+                self._hand_over(buffer)
+                buffer = _netlink.DiagBuffer()
+                deadline = None
+        self._hand_over(buffer)
+
+    def _hand_over(self, buffer) -> None:
+        """Make the events of buffer available to take()."""
+        if not len(buffer):
+            return
+        with self._lock:
+            self._pending.append(buffer)
+            self.received += len(buffer)
 
     def _report_read_error(self, error: OSError) -> None:
         self.read_errors += 1
@@ -504,6 +532,10 @@ class CloseRecorder:
         unmatched = self._close_recent(unmatched)
         return self._record_unseen(unmatched, tracker)
 
+    def waiting(self) -> int:
+        """Return how many records wait for the next drain."""
+        return sum(part.num_rows for part in self._pending)
+
     def drain(self) -> pa.Table | None:
         """Return the records made since the last drain, or None."""
         parts, self._pending = self._pending, []
@@ -561,6 +593,13 @@ class CloseRecorder:
         index = KeyIndex(self._match_keys(rows), left_out=~is_open)
         row_of_event = index.find(self._match_keys(events))
         matched = np.flatnonzero(row_of_event >= 0)
+        # A four-tuple reused within one batch of events closes its open
+        # socket once; the later events are of sockets no sample showed.
+        _, first = np.unique(row_of_event[matched], return_index=True)
+        if len(first) < len(matched):
+            repeated = np.setdiff1d(matched, matched[first])
+            row_of_event[repeated] = -1
+            matched = np.sort(matched[first])
         if len(matched):
             picked = events.take(pa.array(matched, pa.int64()))
             tracker.close_keys(
@@ -714,6 +753,11 @@ class NamespaceCloses:
         self._stopped.extend(self._leaving)
         self._leaving = []
         return added
+
+    def waiting(self) -> int:
+        """Return how many records of every namespace wait for the next drain."""
+        recorders = [*self.recorders.values(), *self._leaving, *self._stopped]
+        return sum(recorder.waiting() for recorder in recorders)
 
     def drain(self) -> pa.Table | None:
         """Return the records of every namespace made since the last drain, or None."""

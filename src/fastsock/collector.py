@@ -17,7 +17,13 @@ from fastsock.lifetimes import LifetimeTracker
 from fastsock.memory import release_unused
 from fastsock.netlink import COUNTER_COLUMNS
 from fastsock.netns import namespaces_read, reports_by_namespace
-from fastsock.records import process_keys, process_records, socket_keys, socket_records
+from fastsock.records import (
+    process_keys,
+    process_records,
+    socket_keys,
+    socket_records,
+    with_owner_text_encoded,
+)
 from fastsock.snapshot import Snapshotter, SnapshotStats
 from fastsock.stats import NamespaceMeters, tcp_connections_by_netns
 from fastsock.store import ParquetStore
@@ -32,6 +38,11 @@ DEFAULT_INTERVAL = 0.2
 
 # Default seconds between flushes to Parquet: what a crash can lose at most.
 DEFAULT_FLUSH_INTERVAL = 10.0
+
+# Closed records that wait in memory before a flush is due anyway. At
+# thousands of connections per second a 10 s flush interval would otherwise
+# hold hundreds of thousands of them.
+FLUSH_AT_RECORDS = 100_000
 
 # A sample that opens this many sockets (the first one on a busy host) gives
 # the memory of its temporary tables back to the kernel (see fastsock.memory).
@@ -208,6 +219,13 @@ class Collector:
             self._holders_generation = attributor.generation
         self.processes.observe(process_keys(self._holders), self._holders, time_us)
 
+    def records_waiting(self) -> int:
+        """Return how many closed records wait in memory for the next flush."""
+        waiting = self.sockets.closed_waiting()
+        if self.closes is not None:
+            waiting += self.closes.waiting()
+        return waiting
+
     def _unattributed_open(self) -> int:
         """Return how many open sockets had no owner at their first sight."""
         return self.sockets.null_count("pid")
@@ -241,6 +259,7 @@ class Collector:
         connections, listeners = socket_records(drained_sockets, host, netns)
         detected = self.dependencies.detections(drained_sockets, host)
         if detected is not None:
+            detected = with_owner_text_encoded(detected)
             connections = pa.concat_tables([connections, detected])
             self.meters.add_detections(detected)
         tables = [("connections", connections), ("listeners", listeners)]
@@ -357,7 +376,7 @@ class Collector:
                 next_status = now + 1.0
             if duration is not None and now - started >= duration:
                 break
-            if now >= next_flush:
+            if now >= next_flush or self.records_waiting() >= FLUSH_AT_RECORDS:
                 self.flush()
                 next_flush = now + flush_interval
 

@@ -71,8 +71,48 @@ def service_keys(exe, cmdline, comm) -> pa.Array:
     thread) it is the cmdline alone, without either it is the comm, and it is NULL
     for a connection without a process.
     """
+    if any(pa.types.is_dictionary(column.type) for column in (exe, cmdline, comm)):
+        return _service_keys_of_distinct(exe, cmdline, comm)
     both = pc.binary_join_element_wise(exe, cmdline, " ")
     return pc.coalesce(both, cmdline, exe, comm)
+
+
+def _service_keys_of_distinct(exe, cmdline, comm) -> pa.DictionaryArray:
+    """Return service_keys as a dictionary array, one join per distinct process.
+
+    The text of each distinct (exe, cmdline, comm) is joined once, not once
+    per row.
+    """
+    columns = [_combined(column) for column in (exe, cmdline, comm)]
+    codes = [
+        pc.dictionary_encode(column).indices.fill_null(-1).to_numpy(zero_copy_only=False)
+        for column in columns
+    ]
+    _, first, inverse = np.unique(
+        np.column_stack(codes), axis=0, return_index=True, return_inverse=True
+    )
+    picked = pa.array(first, pa.int64())
+    text = [column.take(picked) for column in columns]
+    text = [_plain(column) for column in text]
+    services = service_keys(*text)
+    inverse = inverse.ravel()
+    missing = services.is_null().to_numpy(zero_copy_only=False)[inverse]
+    return pa.DictionaryArray.from_arrays(
+        pa.array(inverse.astype(np.int32), mask=missing), services.fill_null("")
+    )
+
+
+def _combined(column: "pa.Array | pa.ChunkedArray") -> pa.Array:
+    if isinstance(column, pa.ChunkedArray):
+        return column.combine_chunks()
+    return column
+
+
+def _plain(column: pa.Array) -> pa.Array:
+    """Return a dictionary array's values as a plain array; others as they are."""
+    if pa.types.is_dictionary(column.type):
+        return column.cast(column.type.value_type)
+    return column
 
 
 def edge_columns(connections: pa.Table) -> dict[str, pa.ChunkedArray]:
@@ -183,6 +223,8 @@ class FlowAggregator:
         if len(first) == 0:
             return
         new = pa.table(edges).take(pa.array(np.sort(first), pa.int64()))
+        # Edges of all flushes go into one table: keep text as plain strings.
+        new = pa.table({name: _plain(_combined(new.column(name))) for name in new.column_names})
         new = new.append_column("edge_id", pa.array(edge_id[np.sort(first)], pa.int64()))
         if self._edges is None:
             self._edges = new.combine_chunks()

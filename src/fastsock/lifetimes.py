@@ -152,6 +152,10 @@ class LifetimeTracker:
             self._compact()
         return self._keys, self._rows()
 
+    def closed_waiting(self) -> int:
+        """Return how many closed records wait for the next drain."""
+        return sum(part.num_rows for part in self._closed_parts)
+
     def null_count(self, column: str) -> int:
         """Return how many open entities have a NULL in column of their rows."""
         cached = self._null_counts.get(column)
@@ -181,6 +185,8 @@ class LifetimeTracker:
         if (indices < 0).any():
             missing = np.asarray(keys)[indices < 0][:3].tolist()
             raise ValueError(f"keys {missing} are not open; close only open keys")
+        if len(np.unique(indices)) < len(indices):
+            raise ValueError("keys repeat; close each open key once")
         records = self._close(indices)
         records = records.set_column(
             records.schema.get_field_index("last_seen_us"),

@@ -9,6 +9,26 @@ from fastsock.identity import combine, text_id
 from fastsock.sockets import PROTOCOL_SCALARS, decode_states, is_listening
 
 
+# Text of a socket's owner, the same for every socket of a process. Flush
+# tables keep these columns dictionary-encoded, so that selecting 100,000
+# records copies 4-byte indices, not the text; the store writes them as text.
+OWNER_TEXT_COLUMNS = ("comm", "exe", "cmdline")
+
+
+def with_owner_text_encoded(table: pa.Table) -> pa.Table:
+    """Return table with its OWNER_TEXT_COLUMNS dictionary-encoded."""
+    for name in OWNER_TEXT_COLUMNS:
+        if name not in table.column_names:
+            continue
+        position = table.schema.get_field_index(name)
+        field = table.schema.field(position)
+        if pa.types.is_dictionary(field.type):
+            continue
+        encoded = pc.dictionary_encode(table.column(name).combine_chunks())
+        table = table.set_column(position, field.with_type(encoded.type), encoded)
+    return table
+
+
 def socket_keys(sockets: pa.Table) -> np.ndarray:
     """Return one key per socket row: its inode and protocol.
 
@@ -87,7 +107,11 @@ def _lifetime_marks(detected_by, first_seen: np.ndarray) -> np.ndarray:
 def socket_records(
     drained: pa.Table, host: str, netns: int | None
 ) -> tuple[pa.Table, pa.Table]:
-    """Split drained socket lifetimes into (connections, listeners) tables."""
+    """Split drained socket lifetimes into (connections, listeners) tables.
+
+    Their OWNER_TEXT_COLUMNS are dictionary-encoded (see with_owner_text_encoded).
+    """
+    drained = with_owner_text_encoded(drained)
     rows = drained.num_rows
     is_udp = pc.equal(drained.column("protocol"), "udp").to_numpy(zero_copy_only=False)
     codes = drained.column("state_code_last").to_numpy()
@@ -157,15 +181,20 @@ def _missing_nullable(drained: pa.Table, target: pa.Schema, names) -> dict:
 
 
 def _assemble(drained, columns, id_name, record_id, target: pa.Schema) -> pa.Table:
-    arrays = []
+    arrays, fields = [], []
     for field in target:
         if field.name == id_name:
-            arrays.append(pa.array(record_id, pa.int64()))
+            array = pa.array(record_id, pa.int64())
         elif field.name in columns:
-            arrays.append(columns[field.name])
+            array = columns[field.name]
+        elif field.name in OWNER_TEXT_COLUMNS:
+            array = drained.column(field.name)
+            field = field.with_type(array.type)
         else:
-            arrays.append(drained.column(field.name).cast(field.type))
-    return pa.Table.from_arrays(arrays, schema=target)
+            array = drained.column(field.name).cast(field.type)
+        arrays.append(array)
+        fields.append(field)
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
 
 
 def process_keys(processes: pa.Table) -> np.ndarray:
