@@ -1,4 +1,4 @@
-"""What lets a sample read less of the socket tables, and the checks that keep it safe.
+"""Shortcuts of the socket-table reads, and the checks that keep them safe.
 
 Each read of a TCP table walks the kernel's whole TCP hash, and so does the
 final read(2) that returns 0 bytes. EarlyStopCheck decides when a read may
