@@ -247,3 +247,28 @@ def test_waiting_records_flush_before_the_interval(server, tmp_path, monkeypatch
 
     # The 200 closed ends (100 connections) made one flush before the last.
     assert status.flushes >= 2
+
+
+def test_connections_closed_before_their_listener_was_sampled_are_inbound(tmp_path):
+    collector = Collector(tmp_path, "--interval", "1", "--duration", "2.5")
+    # The listener opens after the first sample and its connections close
+    # before the next one, which is the first to show the listener.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(512)
+    port = listener.getsockname()[1]
+    for _ in range(200):
+        client, accepted = tcp_pair(listener)
+        client.close()
+        accepted.close()
+    collector.wait()
+    listener.close()
+
+    rows = query_json(
+        tmp_path,
+        f"SELECT local_port = {port} AS server_side, direction, count(*) AS n "
+        f"FROM connections WHERE local_addr = '127.0.0.1' "
+        f"AND (local_port = {port} OR remote_port = {port}) GROUP BY ALL",
+    )
+    counts = {(row["server_side"], row["direction"]): row["n"] for row in rows}
+    assert counts == {(True, "inbound"): 200, (False, "outbound"): 200}

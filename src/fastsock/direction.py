@@ -9,10 +9,12 @@ when a listener accepted it. The rules, first match wins:
    socket family. An IPv4 client of a dual-stack ``::`` listener is accepted on an
    IPv6 socket whose addresses are stored as IPv4 (family ``inet``, socket_family
    ``inet6``), so the socket family, not the address family, is compared. The
-   listener must have been seen during the connection's life, or at sample k-1
-   or later for a connection first seen at sample k. So a listener that closed
-   before the connection opened does not cover it, even on the same port. A
-   connection seen only after it closed needs more (see _certainly_accepted).
+   listener must have been open during the connection's life, or at sample k-1
+   or later for a connection first seen at sample k; a listener first seen at
+   sample j may have opened at any time after sample j-1. So a listener that
+   closed before the connection opened does not cover it, even on the same
+   port. A connection seen only after it closed needs more (see
+   _certainly_accepted).
 2. outbound: TCP in SYN_SENT, which only an active open passes through.
 3. outbound: the other end of the connection is a socket of the same namespace
    whose direction is inbound (two local processes talking).
@@ -26,7 +28,10 @@ when a listener accepted it. The rules, first match wins:
    after it closed. Its listener may have closed before collection started, so
    this rule is the one that can be wrong: a server listening on an ephemeral port
    whose listener closed before collection started.
-7. unknown: everything else, including a connection seen only after it closed
+7. inbound: a connection that a listener might have accepted, but rule 1 could
+   not prove it, whose other end in the same namespace is outbound by the rules
+   above (a burst of short connections to a listener first sampled after them).
+8. unknown: everything else, including a connection seen only after it closed
    that a listener might have accepted but rule 1 could not prove it.
 """
 
@@ -73,6 +78,9 @@ HISTORY_SCHEMA = pa.schema(
         pa.field("local_addr", pa.string()),
         pa.field("local_port", pa.int32()),
         pa.field("first_seen_us", pa.int64()),
+        # The sample before the first sight (0 at the collector's start): the
+        # listener may have opened at any time since.
+        pa.field("opened_after_us", pa.int64()),
         pa.field("last_seen_us", pa.int64()),
         pa.field("closed", pa.bool_()),
         pa.field("uid", pa.int64()),
@@ -138,6 +146,9 @@ class ListenerHistory:
         )
         arrays = [pa.array(ids, pa.int64())]
         for field in HISTORY_SCHEMA.remove(0):
+            if field.name == "opened_after_us":
+                arrays.append(_opened_after(listeners))
+                continue
             arrays.append(listeners.column(field.name).cast(field.type))
         fresh = pa.Table.from_arrays(arrays, schema=HISTORY_SCHEMA)
 
@@ -186,14 +197,18 @@ class ListenerHistory:
         rows = np.concatenate([exact[0], wild[0]])
         listener_rows = np.concatenate([exact[1], wild[1]])
 
-        # The listener was open at some time while the connection may have opened.
+        # The listener was open at some time while the connection may have
+        # been. A listener opens before the connections it accepts, and may
+        # have opened at any time since the sample before its first sight,
+        # so a connection that closed before that first sight is covered too.
         conn_last = connections.column("last_seen_us").to_numpy()[rows]
         opened_after = (
             connections.column("opened_after_us").to_numpy(zero_copy_only=False)[rows]
         )
-        first_seen = self.table.column("first_seen_us").to_numpy()[listener_rows]
-        last_seen = self.table.column("last_seen_us").to_numpy()[listener_rows]
-        alive = (first_seen <= conn_last) & (last_seen >= opened_after)
+        history = self.table
+        listener_opened = history.column("opened_after_us").to_numpy()[listener_rows]
+        last_seen = history.column("last_seen_us").to_numpy()[listener_rows]
+        alive = (listener_opened <= conn_last) & (last_seen >= opened_after)
         return rows[alive], listener_rows[alive]
 
     def prune(self, open_connections: pa.Table, now_us: int) -> int:
@@ -263,6 +278,14 @@ def classify(
     for rule in evidence_rules + fallback_rules:
         codes[(codes == UNKNOWN_CODE) & rule] = OUTBOUND_CODE
 
+    # A listener that may have accepted a connection did when the other end
+    # of that connection connected out (a listener first sampled after a
+    # burst of short connections to it had closed).
+    accepted = ambiguous & (codes == UNKNOWN_CODE)
+    if accepted.any():
+        accepted &= _peer_has(connections, codes, OUTBOUND_CODE)
+        codes[accepted] = INBOUND_CODE
+
     directions = pc.take(DIRECTION_NAMES, pa.array(codes))
     return directions, _sole_listener(rows, conn_rows, listener_rows)
 
@@ -302,10 +325,15 @@ def _certainly_accepted(
 
 def _peer_is_inbound(connections: pa.Table, codes: np.ndarray) -> np.ndarray:
     """Return which connections have their other end, inbound, in the same table."""
+    return _peer_has(connections, codes, INBOUND_CODE)
+
+
+def _peer_has(connections: pa.Table, codes: np.ndarray, code: int) -> np.ndarray:
+    """Return which connections have their other end, of direction code, in the table."""
     rows = connections.num_rows
-    inbound = np.flatnonzero(codes == INBOUND_CODE)
+    ends_of_code = np.flatnonzero(codes == code)
     result = np.zeros(rows, dtype=bool)
-    if rows == 0 or inbound.size == 0:
+    if rows == 0 or ends_of_code.size == 0:
         return result
 
     ends = pa.table(
@@ -318,13 +346,22 @@ def _peer_is_inbound(connections: pa.Table, codes: np.ndarray) -> np.ndarray:
             "remote_port": connections.column("remote_port"),
         }
     )
-    servers = ends.take(pa.array(inbound))
+    servers = ends.take(pa.array(ends_of_code))
     keys = ["netns", "protocol", "local_addr", "local_port", "remote_addr", "remote_port"]
     # A server end's local side is its peer's remote side.
     swapped = ["netns", "protocol", "remote_addr", "remote_port", "local_addr", "local_port"]
     matched, _ = inner_join_rows(ends, servers, keys, swapped)
     result[matched] = True
     return result
+
+
+def _opened_after(listeners: pa.Table) -> pa.Array:
+    """Return each listener's opened_after_us, or its first sight where unknown."""
+    first_seen = listeners.column("first_seen_us").cast(pa.int64())
+    if "opened_after_us" not in listeners.column_names:
+        return first_seen.combine_chunks()
+    opened_after = listeners.column("opened_after_us").cast(pa.int64())
+    return pc.coalesce(opened_after, first_seen).combine_chunks()
 
 
 def _sole_listener(
