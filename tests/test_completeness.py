@@ -21,8 +21,13 @@ Udp: 10 2
 """
 
 
-def test_snmp_opens_parsed():
-    assert parse_tcp_opens(SNMP_TEXT) == (94728, 94675)
+def test_snmp_opens_parsed_without_failed_attempts():
+    assert parse_tcp_opens(SNMP_TEXT) == (94728 - 19, 94675)
+
+
+def test_snmp_without_attempt_fails_keeps_active_opens():
+    text = SNMP_TEXT.replace(" AttemptFails", "").replace(" 94675 19", " 94675")
+    assert parse_tcp_opens(text) == (94728, 94675)
 
 
 def test_snmp_without_tcp_lines_rejected():
@@ -57,10 +62,18 @@ needs_netns = pytest.mark.skipif(
 )
 _names = itertools.count()
 
-# Opens COUNT loopback connections one after another, each living HOLD seconds.
+# Opens COUNT loopback connections one after another, each living HOLD seconds,
+# after REFUSED connects to a port where nothing listens.
 OPEN_CONNECTIONS = """
 import socket, sys, time
-count, hold = int(sys.argv[1]), float(sys.argv[2])
+count, hold, refused = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
+closed_port = socket.socket()
+closed_port.bind(("127.0.0.1", 0))
+for _ in range(refused):
+    try:
+        socket.create_connection(closed_port.getsockname())
+    except ConnectionRefusedError:
+        pass
 server = socket.socket()
 server.bind(("127.0.0.1", 0))
 server.listen(128)
@@ -85,8 +98,11 @@ def netns():
         subprocess.run(["ip", "netns", "del", name], check=False)
 
 
-def collect_while_connecting(netns, data_dir, count, *options) -> None:
-    """Run collect inside netns while count short connections open and close."""
+def collect_while_connecting(netns, data_dir, count, *options, refused=0) -> None:
+    """Run collect inside netns while count short connections open and close.
+
+    refused connects to a closed port come first.
+    """
     in_netns = ["ip", "netns", "exec", netns]
     collector = subprocess.Popen(
         [*in_netns, sys.executable, "-m", "fastsock", "--log-level", "info",
@@ -104,7 +120,8 @@ def collect_while_connecting(netns, data_dir, count, *options) -> None:
         if "first sample:" in line:
             break
     subprocess.run(
-        [*in_netns, sys.executable, "-c", OPEN_CONNECTIONS, str(count), "0.005"],
+        [*in_netns, sys.executable, "-c", OPEN_CONNECTIONS, str(count), "0.005",
+         str(refused)],
         check=True, timeout=60,
     )
     _, rest = collector.communicate(timeout=60)
@@ -123,7 +140,8 @@ def totals(data_dir) -> dict:
 
 @needs_netns
 def test_meter_with_close_events_counts_every_open(netns, tmp_path):
-    collect_while_connecting(netns, tmp_path, 20, "--close-events")
+    # Refused connects are opens that the kernel counts and that fail.
+    collect_while_connecting(netns, tmp_path, 20, "--close-events", refused=50)
 
     row = totals(tmp_path)
     status = run_fastsock("status", "--data-dir", str(tmp_path)).stdout

@@ -2,7 +2,10 @@
 
 The kernel counts every TCP open of a network namespace in
 ``<proc_root>/net/snmp``: ``ActiveOpens`` (connect calls) and ``PassiveOpens``
-(connections a listener created). Each open makes one local socket, so
+(connections a listener created). ``AttemptFails`` counts the opens that
+failed, refused connects among them, and is taken off the active opens:
+a failed connect leaves no connection to record. Each open makes one local
+socket, so
 between two flushes their sum is the number of TCP connections that a
 complete recorder would have recorded. The collector compares it with the
 TCP connections of that namespace it first recorded in the same period, from
@@ -30,10 +33,13 @@ log = logging.getLogger(__name__)
 
 
 def parse_tcp_opens(text: str) -> tuple[int, int]:
-    """Return (ActiveOpens, PassiveOpens) from the text of /proc/net/snmp.
+    """Return (ActiveOpens - AttemptFails, PassiveOpens) from /proc/net/snmp's text.
 
     The file has a header line and a value line per protocol, both starting
-    with the protocol name. Raises ValueError naming what is missing.
+    with the protocol name. AttemptFails also counts handshakes a listener
+    saw fail, which never counted as passive opens, so the active opens
+    can come out a little low; without the column, nothing is taken off.
+    Raises ValueError naming what is missing.
     """
     tcp_lines = [line.split() for line in text.splitlines() if line.startswith("Tcp:")]
     if len(tcp_lines) < 2:
@@ -48,6 +54,8 @@ def parse_tcp_opens(text: str) -> tuple[int, int]:
         raise ValueError(
             f"no ActiveOpens and PassiveOpens in the Tcp lines {header} {values}"
         ) from error
+    if "AttemptFails" in header:
+        active = max(0, active - int(values[header.index("AttemptFails")]))
     return active, passive
 
 
