@@ -367,3 +367,25 @@ def test_quiet_prints_no_status(tmp_path):
 
     assert "samples" not in result.stderr
     assert "collecting to" not in result.stderr
+
+
+def test_status_of_a_proc_root_without_namespace(tmp_path):
+    from caseload import proc_tree
+
+    root = proc_tree("C01", tmp_path / "proc")
+    data = tmp_path / "data"
+    run_fastsock("collect", "--proc-root", str(root), "--duration", "1.2",
+                 "--flush-interval", "0.5", "--data-dir", str(data))
+
+    status = run_fastsock("status", "--data-dir", str(data)).stdout
+
+    assert "no collector_stats" not in status
+    assert "samples" in status
+
+
+def test_netlink_source_with_another_proc_root_rejected(tmp_path):
+    result = run_fastsock("collect", "--once", "--source", "netlink", "--proc-root",
+                          str(tmp_path), "--data-dir", str(tmp_path / "d"), check=False)
+
+    assert result.returncode == 2
+    assert "use --source proc with --proc-root" in result.stderr

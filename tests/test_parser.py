@@ -174,6 +174,13 @@ def test_malformed_row_logged_with_line(tmp_path, caplog):
     assert "'garbage'" in caplog.text
 
 
+def test_long_malformed_row_logged_cut_short(tmp_path, caplog):
+    parse(write_tcp(tmp_path, GOOD + "x" * 5000 + "\n"))
+
+    assert "more)" in caplog.text
+    assert "x" * 241 not in caplog.text
+
+
 def test_extra_trailing_columns_ignored(tmp_path):
     table, report = parse(write_tcp(tmp_path, GOOD.rstrip("\n") + " 7 8 9 extra\n"))
 

@@ -97,6 +97,12 @@ class Snapshotter:
                 f"unknown socket source {source!r}; use one of {', '.join(SOURCES)}"
             )
         self.proc_root = resolve_proc_root(proc_root)
+        if source == "netlink" and self.proc_root != DEFAULT_PROC_ROOT:
+            raise ValueError(
+                f"the netlink source dumps the sockets of the kernel namespace "
+                f"fastsock runs in, which would be joined with the processes of "
+                f"proc root {self.proc_root}; use --source proc with --proc-root"
+            )
         self.host = host or socket.gethostname()
         self.netns = read_netns(self.proc_root)
         self.attributor = Attributor(self.proc_root)

@@ -115,16 +115,28 @@ class SkipLogger:
                 level = logging.WARNING
             log.log(
                 level,
-                "skipped row of %s: %s at line %d: %r (later rows of this "
+                "skipped row of %s: %s at line %d: %s (later rows of this "
                 "kind are counted in collector stats and logged at debug)",
                 path,
                 reason,
                 line_number,
-                raw,
+                _quoted(raw),
             )
         hidden = sum(counts) - len(bad_rows)
         if hidden > 0:
             log.debug("skipped %d more rows of %s", hidden, path)
+
+
+# Characters of a malformed row that a log message quotes; a well-formed row
+# of /proc/net/tcp6 has about 180.
+LOGGED_ROW_CHARS = 240
+
+
+def _quoted(raw: "bytes | str") -> str:
+    """Return raw quoted, cut to LOGGED_ROW_CHARS, saying how much was left out."""
+    if len(raw) <= LOGGED_ROW_CHARS:
+        return repr(raw)
+    return f"{raw[:LOGGED_ROW_CHARS]!r}... ({len(raw) - LOGGED_ROW_CHARS} more)"
 
 
 def _string_column(offsets: np.ndarray, text: np.ndarray) -> pa.Array:

@@ -139,9 +139,10 @@ class StatsMeter:
             if self._opens is None and not self._warned_snmp:
                 self._warned_snmp = True
                 log.warning(
-                    "the completeness meter of network namespace %s is off: "
-                    "%s/net/snmp has no TCP open counters",
-                    self.netns,
+                    "the completeness meter is off for %s: %s/net/snmp has no "
+                    "TCP open counters",
+                    "this proc root" if self.netns is None
+                    else f"network namespace {self.netns}",
                     self.namespace.proc_dir,
                 )
         elif self._rebase:
@@ -403,7 +404,8 @@ SELECT s.host, s.netns, s.source, s.close_events,
             THEN greatest(0.0, 1.0 - t.recorded_opens / t.kernel_opens) END
            AS miss_rate_all_flushes,
        t.all_overruns, t.all_dropped
-FROM collector_stats s JOIN totals t USING (host, netns)
+FROM collector_stats s
+JOIN totals t ON s.host = t.host AND s.netns IS NOT DISTINCT FROM t.netns
 QUALIFY row_number() OVER (PARTITION BY s.host, s.netns ORDER BY s.last_seen DESC) = 1
 ORDER BY s.host, s.netns
 """
