@@ -66,6 +66,10 @@ app = typer.Typer(
 
 log = logging.getLogger("fastsock")
 
+# Smallest --interval and --flush-interval, in seconds.
+MIN_INTERVAL = 0.001
+MIN_FLUSH_INTERVAL = 0.1
+
 def _data_dir(data_dir: Optional[Path]) -> Path:
     from fastsock.store import default_data_dir
 
@@ -187,8 +191,8 @@ def _collect_settings(
 
     interval = DEFAULT_INTERVAL if interval is None else interval
     flush_interval = DEFAULT_FLUSH_INTERVAL if flush_interval is None else flush_interval
-    _check_seconds("--interval", interval)
-    _check_seconds("--flush-interval", flush_interval)
+    _check_seconds("--interval", interval, MIN_INTERVAL)
+    _check_seconds("--flush-interval", flush_interval, MIN_FLUSH_INTERVAL)
     if duration is not None:
         _check_seconds("--duration", duration)
     if data_dir is not None and not str(data_dir).strip():
@@ -223,9 +227,10 @@ def _collect_settings(
     return CollectSettings(collector, directory, interval, flush_interval)
 
 
-def _check_seconds(option: str, seconds: float) -> None:
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise _fail(f"invalid {option} {seconds}: give a positive number of seconds", 2)
+def _check_seconds(option: str, seconds: float, minimum: float = 0.0) -> None:
+    if not math.isfinite(seconds) or seconds <= 0 or seconds < minimum:
+        least = f"at least {minimum:g}" if minimum else "a positive number of"
+        raise _fail(f"invalid {option} {seconds:g}: give {least} seconds", 2)
 
 
 def _reads_own_namespace(snapshotter) -> bool:

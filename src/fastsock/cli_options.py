@@ -46,16 +46,14 @@ IntervalOption = Annotated[
     Optional[float],
     typer.Option(
         help="Seconds between snapshots; fractions allowed (0.05 is 20 per "
-        "second). Default: 0.2.",
-        min=0.001,
+        "second), at least 0.001. Default: 0.2.",
     ),
 ]
 FlushIntervalOption = Annotated[
     Optional[float],
     typer.Option(
-        help="Seconds between writes of Parquet files; a crash loses at most "
-        "this. Default: 10.",
-        min=0.1,
+        help="Seconds between writes of Parquet files, at least 0.1; a crash "
+        "loses at most this. Default: 10.",
     ),
 ]
 NodeNameOption = Annotated[
