@@ -162,7 +162,7 @@ def collect(
         typer.echo("", err=True)
     elif not quiet:
         typer.echo(status.line(), err=True)
-    if status.failed_flushes and not collector.flush():
+    if status.failed_flushes and not collector.flush(final=True):
         raise _fail(f"could not store every record in {directory}; see the log above")
 
 

@@ -232,19 +232,21 @@ class Collector:
         """Return how many open sockets had no owner at their first sight."""
         return self.sockets.null_count("pid")
 
-    def flush(self) -> bool:
+    def flush(self, final: bool = False) -> bool:
         """Store what closed and a checkpoint of what is open; True on success.
+
+        final says that no flush follows, for the log of a failure.
 
         On a write error the closed records stay in memory for the next flush,
         and no stored file is touched. The memory that the flush's tables used
         is given back to the kernel afterwards (see fastsock.memory).
         """
         try:
-            return self._flush()
+            return self._flush(final)
         finally:
             release_unused()
 
-    def _flush(self) -> bool:
+    def _flush(self, final: bool) -> bool:
         host, netns = self.snapshotter.host, self.snapshotter.netns
         if self.closes is not None:
             # Events received since the last sample close their records now.
@@ -281,7 +283,16 @@ class Collector:
                     self.status.rows_written += table.num_rows
         except StoreError as error:
             self.status.failed_flushes += 1
-            log.error("flush failed, keeping rows in memory for the next one: %s", error)
+            if final:
+                log.error(
+                    "the last flush failed, so %d records were not stored: %s",
+                    drained_sockets.num_rows,
+                    error,
+                )
+            else:
+                log.error(
+                    "flush failed, keeping rows in memory for the next one: %s", error
+                )
             self.sockets.restore(drained_sockets)
             self.dependencies.restore()
             if drained_processes is not None:
