@@ -239,6 +239,8 @@ def test_library_on_arrow_tables(topology):
     assert render(from_tables, "json") == render(from_data_dir, "json")
     with pytest.raises(UnknownTargetError, match="fs-dp-api"):
         dependency_tree(graph, "fs-dp-apj")
+    with pytest.raises(UnknownTargetError, match="invalid port 99999"):
+        dependency_tree(graph, "127.0.0.1:99999")
 
 
 def test_clients_sharing_address_keep_counts(peers, tmp_path):

@@ -26,6 +26,15 @@ def parse_endpoint(text: str) -> tuple[str, int] | None:
     return canonical_address(address), port
 
 
+def out_of_range_port(text: str) -> int | None:
+    """Return the port of an ``address:port`` text whose port is above 65535, else None."""
+    match = ENDPOINT.match(text.strip())
+    if not match:
+        return None
+    port = int(match.group("port6") or match.group("port4"))
+    return port if port > 65535 else None
+
+
 def format_endpoint(address: str | None, port: int | None) -> str:
     """Return address:port, with brackets around IPv6 and no port when it is NULL."""
     if address is None:

@@ -20,6 +20,7 @@ from fastsock.addresses import (
     canonical_address,
     format_endpoint,
     is_address,
+    out_of_range_port,
     parse_endpoint,
 )
 from fastsock.depgraph import (
@@ -60,6 +61,11 @@ def find_targets(graph: DependencyGraph, target: str) -> list[Node]:
     process name (comm, or the file name of the executable).
     """
     nodes = graph.nodes
+    bad_port = out_of_range_port(target)
+    if bad_port is not None:
+        raise UnknownTargetError(
+            f"invalid port {bad_port} in {target!r}; ports run from 0 to 65535"
+        )
     endpoint = parse_endpoint(target)
     if target.isdigit():
         pid = int(target)
