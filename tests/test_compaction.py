@@ -269,6 +269,16 @@ def test_compact_command_prints_counts(tmp_path):
     assert "rows: 10 -> 5" in result.stdout
 
 
+def test_compact_command_says_a_future_before_is_capped(tmp_path):
+    write_history(tmp_path)
+
+    result = run_fastsock("compact", "--data-dir", str(tmp_path), "--before",
+                          "2099-01-01")
+
+    assert "partitions compacted: 2" in result.stdout
+    assert "--before 2099-01-01 is after the start of the current hour" in result.stderr
+
+
 def test_compact_command_rejects_table(tmp_path):
     write_history(tmp_path)
 

@@ -7,6 +7,7 @@ import signal
 import sys
 import threading
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
@@ -227,6 +228,21 @@ def _collect_settings(
     return CollectSettings(collector, directory, interval, flush_interval)
 
 
+def _warn_if_after_this_hour(before: "str | None", cutoff) -> None:
+    """Say so when --before names a time that compaction caps to this hour's start."""
+    if cutoff is None:
+        return
+    hour = datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0)
+    aware = cutoff if cutoff.tzinfo is not None else cutoff.replace(tzinfo=timezone.utc)
+    if aware > hour:
+        typer.echo(
+            f"--before {before} is after the start of the current hour; "
+            f"compacting the hours before {hour:%Y-%m-%d %H:%M} UTC, whose files "
+            f"no collector writes any more",
+            err=True,
+        )
+
+
 def _check_seconds(option: str, seconds: float, minimum: float = 0.0) -> None:
     if not math.isfinite(seconds) or seconds <= 0 or seconds < minimum:
         least = f"at least {minimum:g}" if minimum else "a positive number of"
@@ -428,6 +444,7 @@ def compact(
     directory = _data_dir(data_dir)
     try:
         cutoff = parse_time(before) if before is not None else None
+        _warn_if_after_this_hour(before, cutoff)
         report = compact_history(directory, table, cutoff)
     except NoDataError as error:
         raise _fail(str(error))
