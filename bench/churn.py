@@ -4,7 +4,7 @@ Holds --count established loopback connections (bench/loopback.py), starts a
 child process that opens and closes loopback connections as fast as one
 thread can, and runs `fastsock collect --interval 0.2` with close events
 beside it. Prints the collector's peak RSS every two seconds, then the
-connections made and the collector's status line. The churn saturates a
+connections opened and the collector's status line. The churn saturates a
 2-core machine: run it alone.
 
     python bench/churn.py --count 10000 --seconds 40
@@ -32,7 +32,7 @@ from loopback import LoopbackConnections, raise_file_limit  # noqa: E402
 POLL_SECONDS = 0.02
 
 
-def churn(made, stop) -> None:
+def churn(opened, stop) -> None:
     """Connect to a loopback listener and close, over and over, until stop is set."""
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
@@ -51,8 +51,8 @@ def churn(made, stop) -> None:
     while not stop.is_set():
         client = socket.create_connection(address)
         client.close()
-        with made.get_lock():
-            made.value += 1
+        with opened.get_lock():
+            opened.value += 1
     server.close()
 
 
@@ -65,9 +65,9 @@ def main() -> None:
     args = parser.parse_args()
     raise_file_limit()
 
-    made = multiprocessing.Value("q", 0)
+    opened = multiprocessing.Value("q", 0)
     stop = multiprocessing.Event()
-    churner = multiprocessing.Process(target=churn, args=(made, stop))
+    churner = multiprocessing.Process(target=churn, args=(opened, stop))
     with LoopbackConnections(args.count), tempfile.TemporaryDirectory() as data_dir:
         churner.start()
         try:
@@ -77,7 +77,7 @@ def main() -> None:
             churner.join(timeout=10)
             if churner.is_alive():
                 churner.terminate()
-    print(f"connections made by the churn: {made.value:,}")
+    print(f"connections opened by the churn: {opened.value:,}")
     print(f"collector: {status}")
 
 

@@ -235,7 +235,8 @@ class Collector:
     def flush(self, final: bool = False) -> bool:
         """Store what closed and a checkpoint of what is open; True on success.
 
-        final says that no flush follows, for the log of a failure.
+        With final, no flush follows this one, and a failure is logged as
+        records lost.
 
         On a write error the closed records stay in memory for the next flush,
         and no stored file is touched. The memory that the flush's tables used

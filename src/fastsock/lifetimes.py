@@ -37,10 +37,10 @@ class LifetimeTracker:
     Entities are kept in the order they opened, one position each. A closed
     entity keeps its position, flagged as closed, until enough have closed to
     be worth a copy of the open rows (see COMPACT_AT_LEAST). The rows are
-    kept as a few tables that share no buffers: each new sample's rows are
+    kept as a few tables that share no buffers. Each new sample's rows are
     appended as a table of their own, and the newest two are merged whenever
-    the older is at most twice the newer, so that there are never more than
-    about log2(rows) of them and a row is copied about log2(rows) times.
+    the older is at most twice the newer. So there are never more than about
+    log2(rows) tables, and a row is copied about log2(rows) times.
     """
 
     def __init__(self) -> None:

@@ -1,7 +1,7 @@
 """How long-running fastsock processes allocate memory and give it back.
 
-pyarrow allocates from mimalloc unless told otherwise, and mimalloc keeps
-freed pages for reuse. glibc's malloc serves a block from its heap, where
+pyarrow allocates from mimalloc by default, and mimalloc keeps freed pages
+for reuse. glibc's malloc serves a block from its heap, where
 freed memory stays, unless the block is larger than a threshold; and each
 time a large block is freed, glibc raises that threshold to the block's size
 (up to 32 MB). A collector that reads a 20 MB socket table and builds tables
@@ -36,8 +36,8 @@ def use_returning_allocator() -> None:
     """Make large allocations go back to the kernel when they are freed.
 
     Arrow allocates with the C library's malloc from now on, unless
-    ARROW_DEFAULT_MEMORY_POOL names an allocator; glibc's threshold for
-    mapped blocks is fixed at MMAP_THRESHOLD_BYTES unless
+    ARROW_DEFAULT_MEMORY_POOL names an allocator. glibc's threshold for
+    mapped blocks is fixed at MMAP_THRESHOLD_BYTES, unless
     MALLOC_MMAP_THRESHOLD_ sets it. Other C libraries keep their defaults.
     """
     if os.environ.get(POOL_VARIABLE):
