@@ -4,9 +4,11 @@ Opens its own loopback connections (bench/loopback.py), warms a Collector up,
 then times each stage of a sample on its own, interleaved, and prints the
 median milliseconds per stage:
 
-- raw read of the four /proc/net tables, and the same read plus parsing;
+- raw read of the four /proc/net tables to EOF, the same read with the
+  early stop that samples use, and the read plus parsing;
 - the netlink dump with and without tcp_info, with the state masks 0xFFF and
-  0xFFFFFFFF;
+  0xFFFFFFFF, and TCP of both families in one TCPDIAG_GETSOCK dump (what
+  the netlink source sends);
 - attribution (Attributor.resolve) and the join of owners to sockets;
 - the whole Snapshotter.take() and Collector.sample().
 
@@ -41,12 +43,28 @@ def raw_read() -> None:
         _socktable.read_file(f"/proc/net/{name}")
 
 
+def early_stop_read() -> None:
+    for name in TABLES:
+        _socktable.read_file(f"/proc/net/{name}", stop_early=True)
+
+
 def netlink_dump(sock, states: int, with_tcp_info: bool):
     def dump() -> None:
         buffer = _netlink.DiagBuffer()
         for _name, family, protocol in DUMPS:
             _netlink.dump(buffer, sock.fileno(), family, protocol, states,
                           with_tcp_info and protocol == IPPROTO_TCP, 1)
+        _netlink.to_columns(buffer)
+
+    return dump
+
+
+def netlink_tcp_in_one_dump(sock):
+    def dump() -> None:
+        buffer = _netlink.DiagBuffer()
+        _netlink.dump_tcp(buffer, sock.fileno(), 0xFFF, True, 1)
+        for _name, family, protocol in DUMPS[2:]:
+            _netlink.dump(buffer, sock.fileno(), family, protocol, 0xFFF, False, 1)
         _netlink.to_columns(buffer)
 
     return dump
@@ -74,8 +92,10 @@ def main() -> None:
 
         stages = {
             "raw read": raw_read,
+            "read with early stop": early_stop_read,
             "read + parse": lambda: read_socket_tables("/proc", TableReport()),
             "netlink 0xFFF + tcp_info": netlink_dump(sock, 0xFFF, True),
+            "netlink, TCP in one dump": netlink_tcp_in_one_dump(sock),
             "netlink 0xFFF": netlink_dump(sock, 0xFFF, False),
             "netlink 0xFFFFFFFF + tcp_info": netlink_dump(sock, 0xFFFFFFFF, True),
             "attribution": lambda: snapshotter.attributor.resolve(inodes),

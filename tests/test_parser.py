@@ -237,7 +237,7 @@ def test_early_stop_matches_full_read(peers):
 
 
 def test_early_stop_turned_off_on_mismatch(tmp_path, caplog):
-    from fastsock.sockets import EarlyStopCheck
+    from fastsock.readskips import EarlyStopCheck
 
     class Buffer:
         stopped_early = False

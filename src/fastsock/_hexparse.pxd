@@ -7,14 +7,34 @@
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 
 
+# Value of each byte as a hex digit, or -1. A table lookup has no branch
+# to mispredict: address fields mix digits and letters at random.
+cdef extern from *:
+    """
+    static const signed char fastsock_hex_values[256] = {
+        -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+        -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+        -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+         0,  1,  2,  3,  4,  5,  6,  7,  8,  9, -1, -1, -1, -1, -1, -1,
+        -1, 10, 11, 12, 13, 14, 15, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+        -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+        -1, 10, 11, 12, 13, 14, 15, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+        -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+        -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+        -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+        -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+        -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+        -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+        -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+        -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+        -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+    };
+    """
+    const signed char fastsock_hex_values[256]
+
+
 cdef inline int hex_digit(char c) noexcept nogil:
-    if c'0' <= c <= c'9':
-        return c - c'0'
-    if c'A' <= c <= c'F':
-        return c - c'A' + 10
-    if c'a' <= c <= c'f':
-        return c - c'a' + 10
-    return -1
+    return fastsock_hex_values[<unsigned char>c]
 
 
 cdef inline Py_ssize_t read_hex(const char* p, const char* end,
@@ -34,6 +54,24 @@ cdef inline Py_ssize_t read_hex(const char* p, const char* end,
         return -1
     out[0] = value
     return n
+
+
+cdef inline bint read_hex8(const char* p, uint32_t* out) noexcept nogil:
+    """Read exactly 8 hex digits into out; the caller checks that 8 bytes remain.
+
+    Without a branch per digit: -1 marks a non-digit, and OR-ing the digit
+    values leaves the sign bit set if any was one.
+    """
+    cdef int i
+    cdef int digit
+    cdef int seen = 0
+    cdef uint32_t value = 0
+    for i in range(8):
+        digit = fastsock_hex_values[<unsigned char>p[i]]
+        seen |= digit
+        value = (value << 4) | <uint32_t>(digit & 0xF)
+    out[0] = value
+    return seen >= 0
 
 
 cdef inline Py_ssize_t read_decimal(const char* p, const char* end,

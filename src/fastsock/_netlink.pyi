@@ -27,6 +27,7 @@ class DiagColumns:
     remote_text: npt.NDArray[np.uint8]
     remote_port: npt.NDArray[np.int32]
     state_code: npt.NDArray[np.int8]
+    state_index: npt.NDArray[np.int8]
     tx_queue: npt.NDArray[np.int64]
     rx_queue: npt.NDArray[np.int64]
     uid: npt.NDArray[np.int64]
@@ -48,6 +49,9 @@ def dump(
     states: int,
     with_tcp_info: bool,
     seq: int,
+) -> int: ...
+def dump_tcp(
+    into: DiagBuffer, fd: int, states: int, with_tcp_info: bool, seq: int
 ) -> int: ...
 def read_events(
     into: DiagBuffer, fd: int, timeout_ms: int, max_datagrams: int

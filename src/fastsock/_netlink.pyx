@@ -95,6 +95,15 @@ cdef extern from "<linux/inet_diag.h>" nogil:
         uint32_t idiag_states
         inet_diag_sockid id
 
+    struct inet_diag_req:
+        uint8_t idiag_family
+        uint8_t idiag_src_len
+        uint8_t idiag_dst_len
+        uint8_t idiag_ext
+        inet_diag_sockid id
+        uint32_t idiag_states
+        uint32_t idiag_dbs
+
     struct inet_diag_msg:
         uint8_t idiag_family
         uint8_t idiag_state
@@ -109,6 +118,7 @@ cdef extern from "<linux/inet_diag.h>" nogil:
 
     int INET_DIAG_INFO
     int INET_DIAG_PROTOCOL
+    int TCPDIAG_GETSOCK
 
 
 # Reads the counters of a struct tcp_info attribute of any length. The kernel
@@ -161,6 +171,11 @@ cdef enum:
     TCP_SYN_RECV_STATE = 3
     TCP_LISTEN_STATE = 10
     TCP_NEW_SYN_RECV_STATE = 12
+    # For DiagColumns.state_index: UDP's state 7 (bound, not connected) is
+    # UNCONN, at the index after the last TCP state, as in _socktable.
+    UDP_CLOSE_STATE = 7
+    LAST_TCP_STATE = 12
+    UNCONNECTED_INDEX = 13
 
 # Bytes of one recv(2). A dump reply skb is at most 32 KiB (the kernel caps
 # nlk->max_recvmsg_len there), and an event is one message of a few hundred
@@ -341,12 +356,14 @@ cdef struct ReceiveResult:
 
 
 cdef void parse_datagram(const uint8_t* data, Py_ssize_t size, uint32_t seq,
-                         int default_protocol, DiagBuffer buffer,
-                         ReceiveResult* result) noexcept nogil:
+                         int default_protocol, int message_type,
+                         DiagBuffer buffer, ReceiveResult* result) noexcept nogil:
     """Parse every netlink message of one received datagram.
 
     seq 0 accepts any sequence number (multicast events carry 0); otherwise
-    messages of an older request are ignored.
+    messages of an older request are ignored. Socket messages have the type
+    of the request: SOCK_DIAG_BY_FAMILY, or TCPDIAG_GETSOCK for a dump of
+    both families (see dump_tcp).
     """
     cdef Py_ssize_t offset = 0
     cdef const nlmsghdr* header
@@ -376,7 +393,7 @@ cdef void parse_datagram(const uint8_t* data, Py_ssize_t size, uint32_t seq,
                         result.status = RECEIVE_KERNEL_ERROR
                         result.error = -code
                 return
-            if header.nlmsg_type == SOCK_DIAG_BY_FAMILY:
+            if header.nlmsg_type == message_type:
                 buffer.messages += 1
                 parsed = parse_diag_message(header, default_protocol, time_us,
                                             buffer)
@@ -407,6 +424,11 @@ cdef struct DumpRequest:
     inet_diag_req_v2 body
 
 
+cdef struct TcpDumpRequest:
+    nlmsghdr header
+    inet_diag_req body
+
+
 def dump(DiagBuffer into, int fd, int family, int protocol, uint32_t states,
          bint with_tcp_info, uint32_t seq):
     """Dump the sockets of one family (4 or 6) and protocol (6 TCP, 17 UDP).
@@ -417,13 +439,7 @@ def dump(DiagBuffer into, int fd, int family, int protocol, uint32_t states,
     when the kernel has no diag module for the protocol).
     """
     cdef DumpRequest request
-    cdef uint8_t* data
-    cdef ssize_t got
-    cdef Py_ssize_t before = into.count
-    cdef ReceiveResult result
     memset(&request, 0, sizeof(request))
-    memset(&result, 0, sizeof(result))
-
     request.header.nlmsg_len = sizeof(DumpRequest)
     request.header.nlmsg_type = SOCK_DIAG_BY_FAMILY
     request.header.nlmsg_flags = NLM_F_REQUEST | NLM_F_DUMP
@@ -433,13 +449,57 @@ def dump(DiagBuffer into, int fd, int family, int protocol, uint32_t states,
     request.body.idiag_states = states
     if with_tcp_info:
         request.body.idiag_ext = 1 << (INET_DIAG_INFO - 1)
+    return receive_dump(
+        into, fd, &request, sizeof(DumpRequest), seq, protocol,
+        SOCK_DIAG_BY_FAMILY,
+        f"the sock_diag dump of family {family} protocol {protocol}",
+    )
+
+
+def dump_tcp(DiagBuffer into, int fd, uint32_t states, bint with_tcp_info,
+             uint32_t seq):
+    """Dump the TCP sockets of both families (4 and 6) in one request.
+
+    This is the older TCPDIAG_GETSOCK request, which the kernel answers for
+    AF_UNSPEC with the same messages as two SOCK_DIAG_BY_FAMILY dumps. Each
+    dump walks every bucket of the kernel's TCP hash, so one request in
+    place of two saves a walk: 2.2 ms in place of 3.2 ms for 2,000 sockets
+    on Linux 6.18 (a Python test script on the 2-core machine of
+    docs/performance.md). Arguments, rows and errors are as for dump. A
+    kernel without this request rejects it before any row, with EINVAL.
+    """
+    cdef TcpDumpRequest request
+    memset(&request, 0, sizeof(request))
+    request.header.nlmsg_len = sizeof(TcpDumpRequest)
+    request.header.nlmsg_type = TCPDIAG_GETSOCK
+    request.header.nlmsg_flags = NLM_F_REQUEST | NLM_F_DUMP
+    request.header.nlmsg_seq = seq
+    request.body.idiag_family = 0  # AF_UNSPEC: both families
+    request.body.idiag_states = states
+    if with_tcp_info:
+        request.body.idiag_ext = 1 << (INET_DIAG_INFO - 1)
+    return receive_dump(
+        into, fd, &request, sizeof(TcpDumpRequest), seq, IPPROTO_TCP_CODE,
+        TCPDIAG_GETSOCK, "the TCPDIAG_GETSOCK dump of TCP",
+    )
+
+
+cdef Py_ssize_t receive_dump(DiagBuffer into, int fd, const void* request,
+                             size_t length, uint32_t seq, int protocol,
+                             int message_type, str what) except -1:
+    """Send a dump request and append the rows of its reply to into; return how many."""
+    cdef uint8_t* data
+    cdef ssize_t got
+    cdef Py_ssize_t before = into.count
+    cdef ReceiveResult result
+    memset(&result, 0, sizeof(result))
 
     data = <uint8_t*>malloc(RECEIVE_BUFFER_SIZE)
     if data == NULL:
         raise MemoryError()
     try:
         with nogil:
-            got = send(fd, &request, sizeof(DumpRequest), 0)
+            got = send(fd, request, length, 0)
             if got < 0:
                 result.status = RECEIVE_OS_ERROR
                 result.error = errno
@@ -456,12 +516,12 @@ def dump(DiagBuffer into, int fd, int family, int protocol, uint32_t states,
                 elif got == 0:
                     result.status = RECEIVE_MALFORMED
                 else:
-                    parse_datagram(data, got, seq, protocol, into, &result)
+                    parse_datagram(data, got, seq, protocol, message_type, into,
+                                   &result)
     finally:
         free(data)
 
-    raise_receive_error(&result, f"the sock_diag dump of family {family} "
-                                 f"protocol {protocol}")
+    raise_receive_error(&result, what)
     return into.count - before
 
 
@@ -514,7 +574,7 @@ def read_events(DiagBuffer into, int fd, int timeout_ms, Py_ssize_t max_datagram
                     break
                 datagrams += 1
                 result.done = False
-                parse_datagram(data, got, 0, 0, into, &result)
+                parse_datagram(data, got, 0, 0, SOCK_DIAG_BY_FAMILY, into, &result)
                 if result.status == RECEIVE_KERNEL_ERROR:
                     # An error message on a multicast socket is not an event.
                     result.status = RECEIVE_OK
@@ -546,6 +606,7 @@ cdef class DiagColumns:
     cdef public object remote_text
     cdef public object remote_port
     cdef public object state_code      # int8
+    cdef public object state_index     # int8: as _socktable's (TCP code, 13 UNCONN, 0)
     cdef public object tx_queue        # int64
     cdef public object rx_queue        # int64
     cdef public object uid             # int64
@@ -581,6 +642,7 @@ def to_columns(DiagBuffer buffer):
     local_port_arr = np.empty(count, dtype=np.int32)
     remote_port_arr = np.empty(count, dtype=np.int32)
     state_arr = np.empty(count, dtype=np.int8)
+    state_index_arr = np.empty(count, dtype=np.int8)
     tx_arr = np.empty(count, dtype=np.int64)
     rx_arr = np.empty(count, dtype=np.int64)
     uid_arr = np.empty(count, dtype=np.int64)
@@ -603,6 +665,7 @@ def to_columns(DiagBuffer buffer):
     cdef int32_t[::1] c_local_port = local_port_arr
     cdef int32_t[::1] c_remote_port = remote_port_arr
     cdef int8_t[::1] c_state = state_arr
+    cdef int8_t[::1] c_state_index = state_index_arr
     cdef int64_t[::1] c_tx = tx_arr
     cdef int64_t[::1] c_rx = rx_arr
     cdef int64_t[::1] c_uid = uid_arr
@@ -657,6 +720,12 @@ def to_columns(DiagBuffer buffer):
             c_local_port[i] = row.local_port
             c_remote_port[i] = row.remote_port
             c_state[i] = <int8_t>row.state
+            if row.protocol == IPPROTO_UDP_CODE and row.state == UDP_CLOSE_STATE:
+                c_state_index[i] = UNCONNECTED_INDEX
+            elif 1 <= row.state <= LAST_TCP_STATE:
+                c_state_index[i] = <int8_t>row.state
+            else:
+                c_state_index[i] = 0
             c_tx[i] = row.tx_queue
             c_rx[i] = row.rx_queue
             c_uid[i] = row.uid
@@ -680,6 +749,7 @@ def to_columns(DiagBuffer buffer):
     columns.remote_text = remote_text_arr[:remote_used]
     columns.remote_port = remote_port_arr
     columns.state_code = state_arr
+    columns.state_index = state_index_arr
     columns.tx_queue = tx_arr
     columns.rx_queue = rx_arr
     columns.uid = uid_arr

@@ -111,6 +111,7 @@ class Collector:
         # Processes holding the latest sample's sockets, and the attributor's
         # generation when they were found (see _observe_processes).
         self._holders: pa.Table | None = None
+        self._holder_keys = np.empty(0, dtype=np.int64)
         self._holders_generation = -1
 
         self.auto_compact = auto_compact
@@ -216,8 +217,9 @@ class Collector:
         )
         if changed:
             self._holders = attributor.processes_of(inodes)
+            self._holder_keys = process_keys(self._holders)
             self._holders_generation = attributor.generation
-        self.processes.observe(process_keys(self._holders), self._holders, time_us)
+        self.processes.observe(self._holder_keys, self._holders, time_us)
 
     def records_waiting(self) -> int:
         """Return how many closed records wait in memory for the next flush."""

@@ -15,7 +15,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from fastsock.core import load_extension
-from fastsock.sockets import SAMPLE_SCHEMA, TableReport, decode_states
+from fastsock.sockets import (
+    FAMILY_TEXT_BY_NUMBER,
+    SAMPLE_SCHEMA,
+    STATE_TEXT,
+    TableReport,
+    text_column,
+)
 
 _netlink = load_extension("_netlink")
 
@@ -55,7 +61,6 @@ COUNTER_COLUMNS = ("bytes_acked", "bytes_received", "rtt_us", "retransmits")
 NETLINK_SCHEMA = pa.schema([*SAMPLE_SCHEMA, *DIAG_FIELDS])
 
 PROTOCOL_NAMES = pa.array([None] * 6 + ["tcp"] + [None] * 10 + ["udp"], pa.string())
-FAMILY_TEXT = pa.array([None, None, None, None, "inet", None, "inet6"], pa.string())
 
 
 def open_diag_socket() -> socket.socket:
@@ -79,18 +84,17 @@ def string_column(offsets: np.ndarray, text: np.ndarray) -> pa.Array:
 def columns_to_table(columns) -> pa.Table:
     """Build a NETLINK_SCHEMA table from a DiagColumns; counters NULL if absent."""
     rows = columns.rows
-    is_udp = columns.protocol == IPPROTO_UDP
     no_counters = ~columns.has_counters
 
     arrays = [
         pc.take(PROTOCOL_NAMES, pa.array(columns.protocol)),
-        pc.take(FAMILY_TEXT, pa.array(columns.family)),
-        pc.take(FAMILY_TEXT, pa.array(columns.socket_family)),
+        text_column(columns.family, FAMILY_TEXT_BY_NUMBER),
+        text_column(columns.socket_family, FAMILY_TEXT_BY_NUMBER),
         string_column(columns.local_offsets, columns.local_text),
         pa.array(columns.local_port),
         string_column(columns.remote_offsets, columns.remote_text),
         pa.array(columns.remote_port),
-        decode_states(columns.state_code, is_udp),
+        text_column(columns.state_index, STATE_TEXT),
         pa.array(columns.state_code),
         pa.array(columns.tx_queue),
         pa.array(columns.rx_queue),
@@ -110,10 +114,34 @@ def columns_to_table(columns) -> pa.Table:
 
 def with_diag_columns(table: pa.Table) -> pa.Table:
     """Append the DIAG_FIELDS that table lacks, as NULL columns."""
+    names = table.column_names
     for field in DIAG_FIELDS:
-        if field.name not in table.column_names:
-            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+        if field.name not in names:
+            table = table.append_column(field, null_int64_column(table.num_rows))
     return table
+
+
+def diag_null_columns(rows: int) -> list[pa.Array]:
+    """Return one NULL column of rows values per DIAG_FIELDS, for the proc source."""
+    column = null_int64_column(rows)
+    return [column] * len(DIAG_FIELDS)
+
+
+def null_int64_column(rows: int) -> pa.Array:
+    """Return rows NULL int64 values, a slice of a cached array.
+
+    A sample of the proc source needs five such columns, so slicing one
+    array saves allocating and zeroing them at every sample.
+    """
+    global _NULLS
+    if len(_NULLS) < rows:
+        _NULLS = pa.nulls(rows + rows // 8, pa.int64())
+    return _NULLS.slice(0, rows)
+
+
+# All-NULL int64 array that null_int64_column slices. It grows to 1/8 more
+# rows than the largest sample seen, about 9 bytes per row of that sample.
+_NULLS = pa.nulls(0, pa.int64())
 
 
 def counter_columns(table: pa.Table) -> dict[str, np.ndarray]:
@@ -128,7 +156,10 @@ def counter_columns(table: pa.Table) -> dict[str, np.ndarray]:
 class NetlinkReader:
     """Dump TCP and UDP sockets of the current network namespace over netlink.
 
-    One socket is kept open across reads. A protocol whose diag module the
+    One socket is kept open across reads. TCP sockets of both families come
+    from one TCPDIAG_GETSOCK dump, which walks the kernel's TCP hash once in
+    place of once per family. A kernel that rejects that request is logged
+    once and dumped per family from then on. A protocol whose diag module the
     kernel lacks (ENOENT, common for UDP) is logged once and read as empty,
     as a missing /proc file is.
     """
@@ -138,6 +169,7 @@ class NetlinkReader:
         self._socket = open_diag_socket()
         self._sequence = 0
         self._unsupported: set[str] = set()
+        self.tcp_in_one_dump = True
 
     def close(self) -> None:
         self._socket.close()
@@ -145,10 +177,14 @@ class NetlinkReader:
     def read(self, report: TableReport) -> pa.Table:
         """Return every TCP and UDP socket as a NETLINK_SCHEMA table."""
         buffer = _netlink.DiagBuffer()
-        for name, family, protocol in DUMPS:
+        if self.tcp_in_one_dump:
+            self._dump_tcp(buffer)
+        # DUMPS lists tcp and tcp6 first; _dump_tcp covered both unless it
+        # fell back to per-family dumps.
+        dumps = DUMPS[2:] if self.tcp_in_one_dump else DUMPS
+        for name, family, protocol in dumps:
             if name in self._unsupported:
                 continue
-            self._sequence = self._sequence % 0xFFFFFFFF + 1
             try:
                 _netlink.dump(
                     buffer,
@@ -157,7 +193,7 @@ class NetlinkReader:
                     protocol,
                     ALL_STATES,
                     self.with_tcp_info and protocol == IPPROTO_TCP,
-                    self._sequence,
+                    self._next_sequence(),
                 )
             except OSError as error:
                 self._handle_dump_error(name, error)
@@ -167,6 +203,31 @@ class NetlinkReader:
         if buffer.skipped:
             report.skipped[("netlink", "unknown_family")] += buffer.skipped
         return columns_to_table(_netlink.to_columns(buffer))
+
+    def _next_sequence(self) -> int:
+        self._sequence = self._sequence % 0xFFFFFFFF + 1
+        return self._sequence
+
+    def _dump_tcp(self, buffer) -> None:
+        """Dump the TCP sockets of both families, or switch to per-family dumps."""
+        try:
+            _netlink.dump_tcp(
+                buffer,
+                self._socket.fileno(),
+                ALL_STATES,
+                self.with_tcp_info,
+                self._next_sequence(),
+            )
+        except OSError as error:
+            if error.errno not in (errno.EINVAL, errno.ENOENT, errno.EOPNOTSUPP):
+                raise
+            self.tcp_in_one_dump = False
+            log.info(
+                "the kernel rejected a TCPDIAG_GETSOCK dump of TCP sockets (%s); "
+                "dumping them per family from now on, which walks its TCP hash "
+                "once more per read",
+                error.strerror,
+            )
 
     def _handle_dump_error(self, name: str, error: OSError) -> None:
         if error.errno not in (errno.ENOENT, errno.EOPNOTSUPP):

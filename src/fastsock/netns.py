@@ -172,10 +172,34 @@ class NamespaceTables:
         return table
 
 
+NETNS_FIELD = pa.field("netns", pa.int64())
+
+
 def with_netns(sockets: pa.Table, inode: int | None) -> pa.Table:
     """Append a netns column holding inode to every row of sockets."""
-    column = pa.repeat(pa.scalar(inode, pa.int64()), sockets.num_rows)
-    return sockets.append_column(pa.field("netns", pa.int64()), column)
+    return sockets.append_column(NETNS_FIELD, netns_column(inode, sockets.num_rows))
+
+
+def netns_column(inode: int | None, rows: int) -> pa.Array:
+    """Return rows values of inode (NULL for None), a slice of a cached array.
+
+    Every sample repeats the inode of each namespace it reads, so the array
+    is kept per inode. It grows to 1/8 more rows than the largest sample
+    seen, so that a table that grows by a few rows does not rebuild it.
+    """
+    cached = _NETNS_COLUMNS.get(inode)
+    if cached is None or len(cached) < rows:
+        if len(_NETNS_COLUMNS) >= MAX_CACHED_NETNS_COLUMNS:
+            _NETNS_COLUMNS.clear()
+        cached = pa.repeat(pa.scalar(inode, pa.int64()), rows + rows // 8)
+        _NETNS_COLUMNS[inode] = cached
+    return cached.slice(0, rows)
+
+
+# Namespaces whose netns column netns_column keeps. More are rare, and the
+# cache starts over when a new one would exceed this.
+MAX_CACHED_NETNS_COLUMNS = 64
+_NETNS_COLUMNS: dict[int | None, pa.Array] = {}
 
 
 def namespaces_read(snapshotter) -> list[Namespace]:

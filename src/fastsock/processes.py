@@ -230,6 +230,18 @@ def as_inode_array(inodes: object) -> np.ndarray:
     return array.astype(np.int64, copy=False)
 
 
+def _unowned_table(inodes: list[int]) -> pa.Table:
+    """Return a RESOLVED_SCHEMA table of inodes whose process columns are all NULL."""
+    columns = [pa.array(inodes, type=pa.int64())]
+    columns += [pa.nulls(len(inodes), field.type) for field in RESOLVED_SCHEMA][1:]
+    return pa.Table.from_arrays(columns, schema=RESOLVED_SCHEMA)
+
+
+# The tables that resolve() returns when no inode, or only inode 0, is requested.
+UNOWNED_NONE = _unowned_table([])
+UNOWNED_ZERO = _unowned_table([0])
+
+
 class HolderTable:
     """(inode, pid) pairs from the fd walks, sorted by inode and then pid.
 
@@ -459,6 +471,11 @@ class Attributor:
         self._holders = HolderTable()
         self._fd_counts: FdCounts | None = None
         self._unowned = np.empty(0, dtype=np.int64)
+        # The latest listing of the proc root's pids (as bytes of the int32
+        # array), and the generation after its exits were handled (see
+        # _forget_exited).
+        self._listing = b""
+        self._listed_generation = -1
 
         # Process info by pid. A pid in _verified had its start time checked
         # since its fd directory was last read, so the info is still its own.
@@ -487,11 +504,19 @@ class Attributor:
         which TIME_WAIT and request sockets show and which is never matched.
         Walk the fd links only when a requested inode is not cached.
         """
-        distinct = np.unique(as_inode_array(inodes))
-        requested = distinct[distinct != 0]
+        inodes = as_inode_array(inodes)
         self._stats["resolves"] += 1
-        self._stats["inodes_requested"] += int(requested.size)
+        if inodes.size == 0 or not inodes.any():
+            # No inode or only inode 0 (TIME_WAIT rows), as in most samples of
+            # a collector once every open socket is known.
+            self._forget_exited()
+            self._unowned = self._unowned[:0]
+            self._last_holders = []
+            return UNOWNED_ZERO if inodes.size else UNOWNED_NONE
 
+        distinct = np.unique(inodes)
+        requested = distinct[distinct != 0]
+        self._stats["inodes_requested"] += int(requested.size)
         self._forget_exited()
         self._rescan_if_unknown(requested)
         return self._build_table(distinct)
@@ -626,8 +651,20 @@ class Attributor:
         return cached
 
     def _forget_exited(self) -> None:
-        """Drop the pairs and the process info of pids no longer under the root."""
+        """Drop the pairs and the process info of pids no longer under the root.
+
+        When the listing equals the previous one (same pids in the same
+        directory order) and no walk changed the pairs since, no cached
+        process exited, so the rest is skipped.
+        """
         live = _fdscan.list_pids(self.proc_root)
+        listing = live.tobytes()
+        unchanged = (
+            self.generation == self._listed_generation and listing == self._listing
+        )
+        self._listing = listing
+        if unchanged:
+            return
 
         exited = np.setdiff1d(self._holders.distinct_pids, live)
         if exited.size:
@@ -639,6 +676,7 @@ class Attributor:
         for pid in cached[~np.isin(cached, live)].tolist():
             del self._processes[pid]
             self._verified.discard(pid)
+        self._listed_generation = self.generation
 
     def _rescan_if_unknown(self, requested: np.ndarray) -> None:
         self._unowned = self._unowned[np.isin(self._unowned, requested)]

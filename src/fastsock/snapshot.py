@@ -9,19 +9,32 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from fastsock.netlink import with_diag_columns
-from fastsock.netns import NamespaceTables, with_netns
+from fastsock.netlink import DIAG_FIELDS, diag_null_columns, with_diag_columns
+from fastsock.netns import NETNS_FIELD, NamespaceTables, netns_column, with_netns
+from fastsock.processes import RESOLVED_SCHEMA, Attributor
 from fastsock.procfs import DEFAULT_PROC_ROOT, resolve_proc_root
-from fastsock.processes import Attributor
-from fastsock.sockets import SkipLogger, TableReport, read_socket_tables
+from fastsock.sockets import (
+    SAMPLE_SCHEMA,
+    SOCKET_FILES,
+    SkipLogger,
+    TableReport,
+    parsed_to_table,
+    read_socket_columns,
+)
 
 log = logging.getLogger(__name__)
 
 # Sources of the socket tables that a Snapshotter reads (see Snapshotter.__init__).
 SOURCES = ("proc", "netlink")
 
+# Columns of Snapshotter.read_sockets with the proc source of one namespace.
+PROC_SOCKETS_SCHEMA = pa.schema([*SAMPLE_SCHEMA, *DIAG_FIELDS, NETNS_FIELD])
+
 # Columns that attribution adds to each socket row, after the socket columns.
 OWNER_COLUMNS = ("pid", "pids", "comm", "exe", "cmdline", "process_start")
+
+# The inodes of an empty sample, passed to Attributor.resolve.
+NO_INODES = np.empty(0, dtype=np.int64)
 
 
 def table_root(proc_root: str) -> str:
@@ -144,16 +157,25 @@ class Snapshotter:
             sockets = self.namespaces.read(stats.tables, self.skip_logger)
             sockets = with_diag_columns(sockets)
         else:
-            sockets = read_socket_tables(
+            parsed = read_socket_columns(
                 table_root(self.proc_root), stats.tables, self.skip_logger
             )
-            sockets = with_diag_columns(sockets)
+            # One table with every column, so each column is one chunk and
+            # no column is appended afterwards.
+            extra = diag_null_columns(parsed.rows)
+            extra.append(netns_column(self.netns, parsed.rows))
+            return parsed_to_table(parsed, SOCKET_FILES, extra, PROC_SOCKETS_SCHEMA)
         if "netns" not in sockets.column_names:
             sockets = with_netns(sockets, self.netns)
         return sockets
 
     def attribute(self, sockets: pa.Table) -> pa.Table:
         """Append the OWNER_COLUMNS of each row's inode to sockets."""
+        if sockets.num_rows == 0:
+            # A collector's sample with no new socket and no TIME_WAIT row.
+            # resolve() still runs, because it notices exited processes.
+            self.attributor.resolve(NO_INODES)
+            return _with_null_owners(sockets, RESOLVED_SCHEMA)
         owners = self.attributor.resolve(sockets.column("inode").to_numpy())
         return join_owners(sockets, owners)
 
@@ -164,6 +186,10 @@ def join_owners(sockets: pa.Table, owners: pa.Table) -> pa.Table:
     owners has one row per inode. Inode 0 (TIME_WAIT and request sockets) is
     never matched to a process.
     """
+    if owners.column("pid").null_count == owners.num_rows:
+        # No inode has an owner (a sample of only TIME_WAIT rows, say).
+        return _with_null_owners(sockets, owners.schema)
+
     inodes = sockets.column("inode").to_numpy()
     owner_inodes = owners.column("inode").to_numpy()
     order = np.argsort(owner_inodes, kind="stable")
@@ -185,6 +211,71 @@ def join_owners(sockets: pa.Table, owners: pa.Table) -> pa.Table:
             values = pa.nulls(len(inodes), column.type)
         sockets = sockets.append_column(owners.schema.field(name), values)
     return sockets
+
+
+def _with_null_owners(sockets: pa.Table, owner_schema: pa.Schema) -> pa.Table:
+    """Append the OWNER_COLUMNS of owner_schema to sockets, all NULL, in one step."""
+    schema, empty = _owned_schema(sockets.schema, owner_schema)
+    if sockets.num_rows == 0:
+        return empty
+    owner_types = schema.types[sockets.num_columns :]
+    nulls = [null_column(type_, sockets.num_rows) for type_ in owner_types]
+    return pa.Table.from_arrays([*sockets.columns, *nulls], schema=schema)
+
+
+def _owned_schema(
+    socket_schema: pa.Schema, owner_schema: pa.Schema
+) -> tuple[pa.Schema, pa.Table]:
+    """Return socket_schema followed by the OWNER_COLUMNS fields of owner_schema.
+
+    The empty table of that schema comes with it. A collector joins the same
+    two schemas at every sample, so the latest result is kept. Schema.equals
+    compares in C++, which costs less than hashing the schemas for a
+    dictionary.
+    """
+    cached = _OWNED_SCHEMA
+    if (
+        cached is not None
+        and cached[0].equals(socket_schema)
+        and cached[1].equals(owner_schema)
+    ):
+        return cached[2], cached[3]
+    fields = [owner_schema.field(name) for name in OWNER_COLUMNS]
+    schema = pa.schema([*socket_schema, *fields], metadata=socket_schema.metadata)
+    empty = schema.empty_table()
+    _set_owned_schema((socket_schema, owner_schema, schema, empty))
+    return schema, empty
+
+
+def _set_owned_schema(entry: tuple[pa.Schema, pa.Schema, pa.Schema, pa.Table]) -> None:
+    global _OWNED_SCHEMA
+    _OWNED_SCHEMA = entry
+
+
+# The latest (socket schema, owner schema, joined schema, its empty table) of
+# _owned_schema.
+_OWNED_SCHEMA: tuple[pa.Schema, pa.Schema, pa.Schema, pa.Table] | None = None
+
+
+def null_column(type_: pa.DataType, rows: int) -> pa.Array:
+    """Return rows NULL values of type_, a slice of a cached array.
+
+    Samples with no owned socket append the same NULL owner columns each
+    time, so the arrays are kept per type. Requests of more than
+    MAX_CACHED_NULL_ROWS rows get an array of their own.
+    """
+    if rows > MAX_CACHED_NULL_ROWS:
+        return pa.nulls(rows, type_)
+    cached = _NULL_COLUMNS.get(type_)
+    if cached is None:
+        cached = pa.nulls(MAX_CACHED_NULL_ROWS, type_)
+        _NULL_COLUMNS[type_] = cached
+    return cached.slice(0, rows)
+
+
+# Rows of the all-NULL arrays by type that null_column slices.
+MAX_CACHED_NULL_ROWS = 4096
+_NULL_COLUMNS: dict[pa.DataType, pa.Array] = {}
 
 
 def sample(proc_root=None) -> pa.Table:

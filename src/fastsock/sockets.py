@@ -1,7 +1,8 @@
 """Read the kernel's TCP and UDP socket tables into an Arrow table.
 
-The Cython core parses each file into NumPy columns; this module names the
-columns, decodes state codes and reports skipped rows.
+The Cython core parses the files into NumPy columns and writes the text of the
+constant and state columns. This module builds the Arrow table and reports
+skipped rows; fastsock.readskips decides which reads may do less.
 """
 
 import errno
@@ -15,6 +16,7 @@ import pyarrow.compute as pc
 
 from fastsock.core import load_extension
 from fastsock.errors import ProcReadError
+from fastsock.readskips import EARLY_STOP, EMPTY_SKIP, EarlyStopCheck, EmptyTableSkip
 
 _socktable = load_extension("_socktable")
 
@@ -61,11 +63,6 @@ FAMILY_NAMES = {4: "inet", 6: "inet6"}
 # costs about 0.1 ms per call when dateutil is not installed (measured with
 # cProfile), so the sample path passes Arrow scalars.
 PROTOCOL_SCALARS = {name: pa.scalar(name) for name in ("tcp", "udp")}
-FAMILY_SCALARS = {number: pa.scalar(name) for number, name in FAMILY_NAMES.items()}
-# Family name by the parser's family number (4 or 6).
-FAMILY_BY_NUMBER = pa.array(
-    [None, None, None, None, "inet", None, "inet6"], pa.string()
-)
 
 SAMPLE_SCHEMA = pa.schema(
     [
@@ -130,53 +127,6 @@ class SkipLogger:
             log.debug("skipped %d more rows of %s", hidden, path)
 
 
-class EarlyStopCheck:
-    """Decide per file whether a read may skip the final 0-byte read.
-
-    The early-stop rule (see ``_socktable.read_whole_file``) held in every
-    measured run on Linux 6.18, but it depends on how the kernel fills each
-    read. So the first reads of each file, and one in every
-    ``FULL_READ_EVERY`` after them, read to the end and check the rule
-    against the full content. One mismatch turns early stops off for good.
-
-    NOTE: a socket that opens while a table is being read can also show up as
-    data after a short read. On a host with many short connections the check
-    may therefore turn early stops off although the kernel keeps the rule.
-    """
-
-    FULL_READS_FIRST = 3
-    FULL_READ_EVERY = 64
-
-    def __init__(self) -> None:
-        self._reads: Counter = Counter()
-        self.enabled = True
-
-    def may_stop_early(self, path: str) -> bool:
-        count = self._reads[path]
-        self._reads[path] += 1
-        if not self.enabled or count < self.FULL_READS_FIRST:
-            return False
-        return count % self.FULL_READ_EVERY != 0
-
-    def check(self, path: str, buffer) -> None:
-        """Turn early stops off if a full read shows the rule would cut data."""
-        if buffer.stopped_early or buffer.early_stop_size < 0:
-            return
-        if buffer.early_stop_size != buffer.size and self.enabled:
-            self.enabled = False
-            log.warning(
-                "reads of %s returned more data after a short read (%d of %d "
-                "bytes); reading every socket table to the end from now on",
-                path,
-                buffer.early_stop_size,
-                buffer.size,
-            )
-
-
-# One check per process: the rule is a property of the running kernel.
-EARLY_STOP = EarlyStopCheck()
-
-
 # Characters of a malformed row that a log message quotes; a well-formed row
 # of /proc/net/tcp6 has about 180.
 LOGGED_ROW_CHARS = 240
@@ -195,6 +145,12 @@ def _string_column(offsets: np.ndarray, text: np.ndarray) -> pa.Array:
     )
 
 
+def text_column(codes: np.ndarray, names: tuple[bytes, ...]) -> pa.Array:
+    """Return names[code] for each code as a string array, built in one C pass."""
+    offsets, text = _socktable.text_column(codes, names)
+    return _string_column(offsets, text)
+
+
 def decode_states(codes: np.ndarray, is_udp: np.ndarray | bool) -> pa.Array:
     """Return the state name of each code; UDP's code 7 is UNCONN."""
     indices = codes.astype(np.int16)
@@ -208,27 +164,172 @@ def is_listening(codes: np.ndarray, is_udp: np.ndarray) -> np.ndarray:
     return np.where(is_udp, codes == UDP_UNCONNECTED, codes == TCP_LISTEN)
 
 
-def parsed_to_table(parsed, protocol: str, socket_family: int) -> pa.Table:
-    """Build the Arrow table of one parsed socket file."""
-    rows = parsed.rows
-    # parsed.family is 4 or 6 for each row; index a small lookup array by it.
-    family = pc.take(FAMILY_BY_NUMBER, pa.array(parsed.family))
+def _file_texts(files) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
+    """Return the protocol and socket family text of each file, by table index."""
+    files = tuple(files)
+    texts = _FILE_TEXTS.get(files)
+    if texts is None:
+        protocols = tuple(protocol.encode() for _name, protocol, _family in files)
+        families = tuple(
+            FAMILY_NAMES[socket_family].encode()
+            for _name, _protocol, socket_family in files
+        )
+        texts = (protocols, families)
+        _FILE_TEXTS[files] = texts
+    return texts
+
+
+def _file_columns(parsed, files) -> tuple[pa.Array, pa.Array]:
+    """Return the protocol and socket_family columns of parsed, from its files.
+
+    Both depend only on the files and their row counts, which rarely change
+    between samples, so the latest pair is kept and reused.
+    """
+    key = (tuple(files), tuple(parsed.file_rows))
+    cached = _FILE_COLUMNS.get(key)
+    if cached is None:
+        protocols, families = _file_texts(files)
+        cached = (
+            text_column(parsed.table_index, protocols),
+            text_column(parsed.table_index, families),
+        )
+        _FILE_COLUMNS.clear()
+        _FILE_COLUMNS[key] = cached
+    return cached
+
+
+# The latest protocol and socket_family columns (see _file_columns).
+_FILE_COLUMNS: dict[tuple, tuple[pa.Array, pa.Array]] = {}
+
+# Protocol and socket family texts per tuple of files read (see _file_texts).
+_FILE_TEXTS: dict[tuple, tuple[tuple[bytes, ...], tuple[bytes, ...]]] = {}
+
+# Family text by the parser's family number (4 or 6), and state text by the
+# parser's state index: the TCP state names, then UNCONN.
+FAMILY_TEXT_BY_NUMBER = (b"", b"", b"", b"", b"inet", b"", b"inet6")
+STATE_TEXT = tuple(name.encode() for name in (*TCP_STATES, "UNCONN"))
+if _socktable.UNCONNECTED_STATE_INDEX != UNCONN_INDEX:
+    raise ImportError(
+        f"fastsock._socktable marks UNCONN as state index "
+        f"{_socktable.UNCONNECTED_STATE_INDEX}, not {UNCONN_INDEX}; rebuild it "
+        "with 'python setup.py build_ext --inplace'"
+    )
+
+
+def parsed_to_table(
+    parsed,
+    files=SOCKET_FILES,
+    extra_columns: list[pa.Array] | None = None,
+    schema: pa.Schema = SAMPLE_SCHEMA,
+) -> pa.Table:
+    """Build the Arrow table of parsed socket files, one chunk per column.
+
+    files are the files that parsed was read from, in order (see
+    read_socket_columns). extra_columns are appended after the
+    SAMPLE_SCHEMA columns, and schema is then SAMPLE_SCHEMA followed by
+    their fields. The address columns point into the parser's arrays, so
+    no text is copied.
+    """
+    protocol, socket_family = _file_columns(parsed, files)
     columns = [
-        pa.repeat(PROTOCOL_SCALARS[protocol], rows),
-        family,
-        pa.repeat(FAMILY_SCALARS[socket_family], rows),
+        protocol,
+        text_column(parsed.family, FAMILY_TEXT_BY_NUMBER),
+        socket_family,
         _string_column(parsed.local_offsets, parsed.local_text),
         pa.array(parsed.local_port),
         _string_column(parsed.remote_offsets, parsed.remote_text),
         pa.array(parsed.remote_port),
-        decode_states(parsed.state_code, protocol == "udp"),
+        text_column(parsed.state_index, STATE_TEXT),
         pa.array(parsed.state_code),
         pa.array(parsed.tx_queue),
         pa.array(parsed.rx_queue),
         pa.array(parsed.uid),
         pa.array(parsed.inode),
     ]
-    return pa.Table.from_arrays(columns, schema=SAMPLE_SCHEMA)
+    if extra_columns:
+        columns.extend(extra_columns)
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def read_socket_columns(
+    proc_root: str,
+    report: TableReport,
+    skip_logger: SkipLogger | None = None,
+    files=SOCKET_FILES,
+    early_stop: EarlyStopCheck = EARLY_STOP,
+    empty_skip: EmptyTableSkip | None = EMPTY_SKIP,
+):
+    """Read and parse the socket tables under ``<proc_root>/net`` into columns.
+
+    Returns a ``_socktable.ParsedTable`` whose table_index is each row's
+    position in files. A missing file (no IPv6 in the kernel, a fixture tree
+    with only some tables) reads as empty, and so does a table that
+    empty_skip finds empty by the kernel's counters (None reads every
+    table). Malformed rows are skipped, counted in report and logged
+    through skip_logger.
+    """
+    names = [name for name, _protocol, _socket_family in files]
+    empty = frozenset()
+    if empty_skip is not None:
+        empty = empty_skip.empty_tables(proc_root, names)
+    buffers = []
+    verify = []
+    for index, name in enumerate(names):
+        path = f"{proc_root}/net/{name}"
+        stop_early = early_stop.may_stop_early(path)
+        if name in empty:
+            if stop_early:
+                empty_skip.skipped_reads += 1
+                buffers.append(_socktable.FileBuffer())
+                continue
+            # A full read checks the counters too.
+            verify.append(index)
+        buffers.append(_read_table_file(path, stop_early, early_stop))
+
+    parsed = _socktable.parse_buffers(
+        buffers,
+        [socket_family for _name, _protocol, socket_family in files],
+        [protocol == "udp" for _name, protocol, _socket_family in files],
+    )
+    for index in verify:
+        empty_skip.verify(proc_root, names[index], parsed.file_rows[index])
+    _count_read(proc_root, report, skip_logger, files, buffers, parsed)
+    return parsed
+
+
+def _count_read(proc_root, report, skip_logger, files, buffers, parsed) -> None:
+    """Add a read's rows, reads, bytes and skipped rows to report."""
+    report.rows += parsed.rows
+    for (name, _protocol, _family), buffer, skipped, bad_rows in zip(
+        files, buffers, parsed.skipped, parsed.bad_rows
+    ):
+        report.reads += buffer.reads
+        report.bytes += buffer.size
+        if not any(skipped):
+            continue
+        for reason, count in zip(_socktable.SKIP_REASONS, skipped):
+            if count:
+                report.skipped[(name, reason)] += count
+        if bad_rows and skip_logger is not None:
+            skip_logger.report(f"{proc_root}/net/{name}", bad_rows, skipped)
+
+
+def _read_table_file(path: str, stop_early: bool, early_stop: EarlyStopCheck):
+    """Return a FileBuffer of path, empty when the file does not exist."""
+    try:
+        buffer = _socktable.read_file(path, stop_early)
+    except FileNotFoundError:
+        log.debug("%s does not exist; reading it as empty", path)
+        return _socktable.FileBuffer()
+    except OSError as error:
+        hint = "check the path given as --proc-root"
+        if error.errno in (errno.EACCES, errno.EPERM):
+            hint = "run fastsock as a user that may read the socket tables"
+        raise ProcReadError(
+            error.errno, f"cannot read {path}: {error.strerror}; {hint}"
+        ) from error
+    early_stop.check(path, buffer)
+    return buffer
 
 
 def read_socket_tables(
@@ -237,42 +338,13 @@ def read_socket_tables(
     skip_logger: SkipLogger | None = None,
     files=SOCKET_FILES,
     early_stop: EarlyStopCheck = EARLY_STOP,
+    empty_skip: EmptyTableSkip | None = EMPTY_SKIP,
 ) -> pa.Table:
-    """Read and parse the socket tables under ``<proc_root>/net``.
+    """Read and parse the socket tables under ``<proc_root>/net`` into a table.
 
-    A missing file (no IPv6 in the kernel, a fixture tree with only some
-    tables) reads as empty. Malformed rows are skipped, counted in report and
-    logged through skip_logger.
+    See read_socket_columns. The table has SAMPLE_SCHEMA.
     """
-    tables = []
-    for name, protocol, socket_family in files:
-        path = f"{proc_root}/net/{name}"
-        try:
-            buffer = _socktable.read_file(path, early_stop.may_stop_early(path))
-        except FileNotFoundError:
-            log.debug("%s does not exist; reading it as empty", path)
-            continue
-        except OSError as error:
-            hint = "check the path given as --proc-root"
-            if error.errno in (errno.EACCES, errno.EPERM):
-                hint = "run fastsock as a user that may read the socket tables"
-            raise ProcReadError(
-                error.errno, f"cannot read {path}: {error.strerror}; {hint}"
-            ) from error
-
-        early_stop.check(path, buffer)
-        parsed = _socktable.parse_buffer(buffer, socket_family)
-        report.rows += parsed.rows
-        report.reads += parsed.reads
-        report.bytes += parsed.size
-        for reason, count in zip(_socktable.SKIP_REASONS, parsed.skipped):
-            if count:
-                report.skipped[(name, reason)] += count
-        if parsed.bad_rows and skip_logger is not None:
-            skip_logger.report(path, parsed.bad_rows, parsed.skipped)
-
-        tables.append(parsed_to_table(parsed, protocol, socket_family))
-
-    if not tables:
-        return SAMPLE_SCHEMA.empty_table()
-    return pa.concat_tables(tables)
+    parsed = read_socket_columns(
+        proc_root, report, skip_logger, files, early_stop, empty_skip
+    )
+    return parsed_to_table(parsed, files)

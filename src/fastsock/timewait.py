@@ -87,6 +87,10 @@ class ClosedConnectionDetector:
     def observe(self, sockets: pa.Table, time_us: int) -> int:
         """Record the closing rows of one snapshot; return how many are new."""
         rows = closing_rows(sockets)
+        if rows.num_rows == 0:
+            # Nothing is closing, so nothing is new and nothing stays listed.
+            self._listed = self._listed[:0]
+            return 0
         keys = self._keys(rows)
         keys, first = np.unique(keys, return_index=True)
         rows = rows.take(pa.array(first, pa.int64()))
