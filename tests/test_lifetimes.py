@@ -60,7 +60,7 @@ def names_by_key(table):
     return dict(zip(table.column("key").to_pylist(), table.column("name").to_pylist()))
 
 
-def test_key_closed_then_opened_again_is_a_new_entity():
+def test_reopened_key_is_new_entity():
     tracker = LifetimeTracker()
     observe(tracker, [1, 2], ["a", "b"], 100)
     observe(tracker, [2], ["b"], 200)
@@ -102,7 +102,7 @@ def test_many_closes_keep_open_rows_and_records_right():
     assert dict(zip(keys.tolist(), open_rows.column("name").to_pylist())) == alive
 
 
-def test_close_keys_rejects_a_key_that_is_not_open():
+def test_close_keys_rejects_closed_key():
     tracker = LifetimeTracker()
     observe(tracker, [1, 2], ["a", "b"], 100)
 

@@ -68,8 +68,8 @@ RECEIVE_BUFFER_BYTES = 16 * 1024 * 1024
 POLL_TIMEOUT_MS = 100
 MAX_DATAGRAMS_PER_READ = 4096
 
-# The reader thread hands received events over in batches: when this many
-# seconds passed since the batch's first event, or when it holds this many.
+# The reader thread hands received events over in batches, once this many
+# seconds have passed since a batch's first event or it contains this many.
 # At thousands of closes per second each read returns a few events, and a
 # table per read made the collector spend seconds per sample building and
 # concatenating them.

@@ -1,10 +1,10 @@
 """How long-running fastsock processes allocate memory and give it back.
 
 pyarrow allocates from mimalloc by default, and mimalloc keeps freed pages
-for reuse. glibc's malloc serves a block from its heap, where
-freed memory stays, unless the block is larger than a threshold; and each
-time a large block is freed, glibc raises that threshold to the block's size
-(up to 32 MB). A collector that reads a 20 MB socket table and builds tables
+for reuse. glibc's malloc serves a block from its heap, where freed memory
+stays, unless the block is larger than a threshold. Each time a large block
+is freed, glibc raises that threshold to the block's size (up to 32 MB, by
+the mallopt(3) manual page). A collector that reads a 20 MB socket table and builds tables
 of 100,000 rows at every sample and flush therefore kept most of what it ever
 freed. Arrow on the C library's malloc, with a fixed threshold so that large
 blocks are always mapped and unmapped, keeps resident memory close to what the

@@ -29,10 +29,10 @@ class EarlyStopCheck:
 
     Data after the point where the rule would have stopped has two causes:
 
-    - Churn. The final read of a table walks the kernel's hash again, and
-      when sockets opened during the read it can return rows again: the
-      last rows of the earlier reads, shifted by the new sockets, and some
-      sockets that opened in buckets already read. On a 2-core machine with
+    - Churn. The final read of a table walks the kernel's hash again. When
+      sockets opened during the read, it can return rows again: the last
+      rows of the earlier reads, shifted by the new sockets. It can also
+      return some sockets that opened in buckets already read. On a 2-core machine with
       Linux 6.18, about 30,000 connections opened per second next to 300 or
       2,000 held ones gave 1 to 5 such rows in a quarter to a third of the
       full reads of /proc/net/tcp, and in all but 4 of about 370 of those
