@@ -121,7 +121,7 @@ def run_mode(name: str, rate: float, seconds: float) -> dict:
         try:
             server_info = json.loads(server.stdout.readline())
             collector = subprocess.Popen(
-                [sys.executable, "-m", "fastsock", "collect", "--quiet",
+                [sys.executable, "-m", "fastsock", "collect",
                  "--interval", str(interval), "--duration", str(seconds + 3),
                  "--source", source, "--data-dir", data_dir,
                  "--close-events" if close_events else "--no-close-events"],
@@ -143,7 +143,7 @@ def run_mode(name: str, rate: float, seconds: float) -> dict:
         load = json.loads(client.stdout)
         rows = recorded_rows(data_dir, server_info["port"], env)
         period = sample_period(data_dir, interval, env)
-    return shares(load, server_info, rows, period)
+    return period, shares(load, server_info, rows, period)
 
 
 def wait_for_start(collector: subprocess.Popen) -> None:
@@ -174,10 +174,13 @@ def recorded_rows(data_dir: str, server_port: int, env: dict) -> list[dict]:
 
 
 def sample_period(data_dir: str, interval: float, env: dict) -> float:
-    """Return the seconds between samples: the interval, or the median sample time."""
-    sql = "SELECT median(sample_ms_median) AS ms FROM collector_stats"
+    """Return the mean seconds between samples, flushes included, at least interval."""
+    sql = (
+        "SELECT sum(epoch_us(last_seen) - epoch_us(period_start)) / 1e6 "
+        "/ sum(samples - 1) AS seconds FROM collector_stats WHERE samples > 1"
+    )
     (row,) = query(data_dir, sql, env)
-    return max(interval, (row["ms"] or 0) / 1000)
+    return max(interval, row["seconds"] or 0)
 
 
 def shares(load: dict, server_info: dict, rows: list[dict], period: float) -> dict:
@@ -209,10 +212,11 @@ def shares(load: dict, server_info: dict, rows: list[dict], period: float) -> di
     return result
 
 
-def print_mode(name: str, result: dict) -> None:
+def print_mode(name: str, period: float, result: dict) -> None:
     source, interval, close_events = MODES[name]
     print(f"\n== {name}: --source {source} --interval {interval} "
-          f"{'--close-events' if close_events else '--no-close-events'}")
+          f"{'--close-events' if close_events else '--no-close-events'}, "
+          f"period {period * 1000:.1f} ms")
     print(f"  {'lifetime':>9} {'sockets':>8} {'recorded':>9} {'live':>6} "
           f"{'attributed':>11} {'theory':>7}")
     for lifetime, (sockets, recorded, live, attributed, theory) in result.items():
@@ -237,7 +241,7 @@ def main() -> None:
     args = parser.parse_args()
 
     for name in args.modes:
-        print_mode(name, run_mode(name, args.rate, args.seconds))
+        print_mode(name, *run_mode(name, args.rate, args.seconds))
 
 
 if __name__ == "__main__":

@@ -142,3 +142,32 @@ def test_close_keys_rejects_a_repeated_key():
     with pytest.raises(ValueError, match="keys repeat"):
         tracker.close_keys(np.array([1, 1]), np.array([150, 160]))
     assert len(tracker) == 2
+
+
+def test_update_rows_replaces_columns_of_chosen_positions():
+    tracker = LifetimeTracker()
+    # Three samples make parts of different sizes; positions span two of them.
+    observe(tracker, [1, 2, 3, 4], ["a", "b", "c", "d"], 100)
+    observe(tracker, [1, 2, 3, 4, 5, 6], ["a", "b", "c", "d", "e", "f"], 200)
+    observe(tracker, [1, 2, 3, 4, 5, 6, 7], list("abcdefg"), 300)
+    positions = tracker.find(np.array([2, 6], dtype=np.int64))
+
+    tracker.update_rows(positions, pa.table({"name": ["B", "F"]}))
+    records = tracker.drain().to_pylist()
+
+    names = {record["key"]: record["name"] for record in records}
+    assert names == {1: "a", 2: "B", 3: "c", 4: "d", 5: "e", 6: "F", 7: "g"}
+    assert {record["first_seen_us"] for record in records if record["key"] == 6} == {200}
+
+
+def test_update_rows_counts_nulls_again():
+    tracker = LifetimeTracker()
+    names = pa.table({"name": pa.array([None, "b"], pa.string())})
+    tracker.observe(np.array([1, 2], dtype=np.int64), names, 100)
+    assert tracker.null_count("name") == 1
+    assert tracker.null_positions("name").tolist() == [0]
+
+    tracker.update_rows(np.array([0]), pa.table({"name": ["a"]}))
+
+    assert tracker.null_count("name") == 0
+    assert tracker.find(np.array([1, 2], dtype=np.int64)).tolist() == [0, 1]

@@ -1,6 +1,7 @@
 """The sampler: snapshot the sockets on an interval, store lifetimes as Parquet."""
 
 import logging
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 
 from fastsock.dependencies import DependencyModel
-from fastsock.errors import FastsockError, StoreError
+from fastsock.errors import FastsockError
 from fastsock.flows import DEFAULT_BUCKET_SECONDS
 from fastsock.lifetimes import LifetimeTracker
 from fastsock.memory import release_unused
@@ -24,9 +25,10 @@ from fastsock.records import (
     socket_records,
     with_owner_text_encoded,
 )
-from fastsock.snapshot import Snapshotter, SnapshotStats
+from fastsock.snapshot import OWNER_COLUMNS, SnapshotStats, Snapshotter, join_owners
 from fastsock.stats import NamespaceMeters, tcp_connections_by_netns
 from fastsock.store import ParquetStore
+from fastsock.writer import BackgroundWriter, WriteResult, write_tables
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +46,25 @@ DEFAULT_FLUSH_INTERVAL = 10.0
 # hold hundreds of thousands of them.
 FLUSH_AT_RECORDS = 100_000
 
+# Seconds that a thread may hold the GIL while another waits for it, during
+# run() (see sys.setswitchinterval).
+SWITCH_INTERVAL = 0.0005
+
 # A sample that opens this many sockets (the first one on a busy host) gives
 # the memory of its temporary tables back to the kernel (see fastsock.memory).
 RELEASE_AFTER_OPENED = 10_000
+
+
+@dataclass
+class DrainedFlush:
+    """The records of one flush, taken from the trackers, and what it counts."""
+
+    sockets: pa.Table
+    processes: pa.Table | None
+    # Running totals for collector_stats, per namespace (see _counters).
+    counters: dict[int | None, dict[str, int]]
+    # perf_counter() when the flush began, for the log.
+    started: float
 
 
 @dataclass
@@ -113,6 +131,11 @@ class Collector:
         self._holders: pa.Table | None = None
         self._holder_keys = np.empty(0, dtype=np.int64)
         self._holders_generation = -1
+        # The attributor's generation when _attribute_again last looked.
+        self._reattributed_generation = -1
+
+        self._writer = BackgroundWriter()
+        self._background_flush: DrainedFlush | None = None
 
         self.auto_compact = auto_compact
         # UTC hour of the last successful flush; None before the first one.
@@ -155,7 +178,9 @@ class Collector:
         if len(new) == len(live_rows):
             picked_sockets = sockets
         else:
-            picked = np.sort(np.concatenate([np.flatnonzero(inodes == 0), live_rows[new]]))
+            picked = np.sort(
+                np.concatenate([np.flatnonzero(inodes == 0), live_rows[new]])
+            )
             picked_sockets = sockets.take(pa.array(picked))
         table = self.snapshotter.attribute(picked_sockets)
         fresh = table
@@ -178,6 +203,7 @@ class Collector:
             positions=positions,
         )
         self._observe_processes(inodes[live_rows], stats.time_us, opened)
+        self._attribute_again()
 
         stats.duration_s = time.perf_counter() - started
         opened_rows = np.searchsorted(new, self.sockets.opened_in_last_observe)
@@ -221,6 +247,36 @@ class Collector:
             self._holders_generation = attributor.generation
         self.processes.observe(self._holder_keys, self._holders, time_us)
 
+    def _attribute_again(self) -> None:
+        """Give open sockets first seen without an owner the one a later walk found.
+
+        A socket first seen while its process was not readable, or between
+        the table read and the fd walk of a busy sample, would otherwise keep
+        a NULL pid for its whole life. The cached pairs are looked up only
+        after a walk changed them.
+        """
+        attributor = self.snapshotter.attributor
+        if attributor.generation == self._reattributed_generation:
+            return
+        self._reattributed_generation = attributor.generation
+        if not self.sockets.null_count("pid"):
+            return
+        positions = self.sockets.null_positions("pid")
+        _, rows, _ = self.sockets.all_rows()
+        unowned = rows.select(["inode"]).take(pa.array(positions))
+        owners = attributor.known_owners(unowned.column("inode").to_numpy())
+        found = join_owners(unowned, owners)
+        owned = found.column("pid").is_valid().to_numpy(zero_copy_only=False)
+        if owned.any():
+            log.debug(
+                "found the owners of %d sockets after their first sample",
+                int(owned.sum()),
+            )
+            self.sockets.update_rows(
+                positions[owned],
+                found.filter(pa.array(owned)).select(list(OWNER_COLUMNS)),
+            )
+
     def records_waiting(self) -> int:
         """Return how many closed records wait in memory for the next flush."""
         waiting = self.sockets.closed_waiting()
@@ -235,81 +291,145 @@ class Collector:
     def flush(self, final: bool = False) -> bool:
         """Store what closed and a checkpoint of what is open; True on success.
 
-        With final, no flush follows this one, and a failure is logged as
-        records lost.
+        Waits for a flush that flush_in_background started, then flushes in
+        this thread. With final, no flush follows this one, and a failure is
+        logged as records lost.
 
         On a write error the closed records stay in memory for the next flush,
         and no stored file is touched. The memory that the flush's tables used
         is given back to the kernel afterwards (see fastsock.memory).
         """
         try:
-            return self._flush(final)
+            self._settle_background_flush()
+            drained = self._drain_for_flush()
+            if drained is None:
+                return True
+            result = self._build_and_write(drained, final)
+            self._settle(drained, result)
+            return result.ok
         finally:
             release_unused()
 
-    def _flush(self, final: bool) -> bool:
-        host, netns = self.snapshotter.host, self.snapshotter.netns
+    def flush_in_background(self) -> None:
+        """Drain the records here, and build and write them while sampling goes on.
+
+        A flush builds and writes its tables for tens of milliseconds, longer
+        on a busy disk, and connections that open and close meanwhile would
+        be missed. The result is settled at the next flush: on a write error
+        the records go back into memory then.
+        """
+        self._settle_background_flush()
+        drained = self._drain_for_flush()
+        if drained is None:
+            return
+
+        def build_and_write() -> WriteResult:
+            try:
+                return self._build_and_write(drained, final=False)
+            finally:
+                release_unused()
+
+        self._background_flush = drained
+        self._writer.start(build_and_write)
+
+    def _settle_background_flush(self) -> None:
+        """Wait for the flush that runs in the background, if any, and settle it."""
+        result = self._writer.wait()
+        drained, self._background_flush = self._background_flush, None
+        if result is not None and drained is not None:
+            self._settle(drained, result)
+
+    def _drain_for_flush(self) -> "DrainedFlush | None":
+        """Take a flush's records from the sampling side; None before any sample.
+
+        Runs in the sampling thread. What follows (_build_and_write) touches
+        nothing that a sample changes, so it may run in another thread.
+        """
         if self.closes is not None:
             # Events received since the last sample close their records now.
             now_us = time.time_ns() // 1000
             self.meters.add_opens(self.closes.process(self.sockets, now_us))
-        drained_sockets = self.sockets.drain()
-        drained_processes = self.processes.drain()
-        if drained_sockets is None:
-            return True
+        sockets = self.sockets.drain()
+        processes = self.processes.drain()
+        if sockets is None:
+            return None
         if self.closes is not None:
-            drained_sockets = merge_records(drained_sockets, self.closes.drain())
-        drained_sockets = self.dependencies.classify(drained_sockets)
+            sockets = merge_records(sockets, self.closes.drain())
+        self.dependencies.start_flush()
+        return DrainedFlush(sockets, processes, self._counters(), time.perf_counter())
 
-        connections, listeners = socket_records(drained_sockets, host, netns)
-        detected = self.dependencies.detections(drained_sockets, host)
+    def _build_and_write(self, drained: "DrainedFlush", final: bool) -> WriteResult:
+        """Build the flush's tables, write them, and count and log the result."""
+        tables = self._build_tables(drained)
+        result = write_tables(self.store, tables)
+        self._report_write(drained, tables, result, final)
+        return result
+
+    def _build_tables(self, drained: "DrainedFlush") -> list[tuple[str, pa.Table]]:
+        """Return the (table name, rows) pairs that one flush stores."""
+        host, netns = self.snapshotter.host, self.snapshotter.netns
+        sockets = self.dependencies.classify(drained.sockets)
+        connections, listeners = socket_records(sockets, host, netns)
+        detected = self.dependencies.detections(sockets, host)
         if detected is not None:
             detected = with_owner_text_encoded(detected)
             connections = pa.concat_tables([connections, detected])
             self.meters.add_detections(detected)
         tables = [("connections", connections), ("listeners", listeners)]
         tables.append(("flows", self.dependencies.flows(connections)))
-        if drained_processes is not None:
-            tables.append(("processes", process_records(drained_processes, host)))
-        stats_row = self.meters.flush_rows(time.time_ns() // 1000, self._counters())
+        if drained.processes is not None:
+            tables.append(("processes", process_records(drained.processes, host)))
+        stats_row = self.meters.flush_rows(time.time_ns() // 1000, drained.counters)
         if stats_row is not None:
             self._unwritten_stats.append(stats_row)
         if self._unwritten_stats:
             tables.append(("collector_stats", pa.concat_tables(self._unwritten_stats)))
+        return tables
 
-        try:
-            for name, table in tables:
-                if table.num_rows:
-                    self.status.files_written += len(self.store.write(name, table))
-                    self.status.rows_written += table.num_rows
-        except StoreError as error:
+    def _report_write(
+        self,
+        drained: "DrainedFlush",
+        tables: list[tuple[str, pa.Table]],
+        result: WriteResult,
+        final: bool,
+    ) -> None:
+        """Count and log one flush's write; on success, compact a finished hour."""
+        self.status.files_written += result.files
+        self.status.rows_written += result.rows
+        if not result.ok:
             self.status.failed_flushes += 1
             if final:
                 log.error(
                     "the last flush failed, so %d records were not stored: %s",
-                    drained_sockets.num_rows,
-                    error,
+                    drained.sockets.num_rows,
+                    result.error,
                 )
             else:
                 log.error(
-                    "flush failed, keeping rows in memory for the next one: %s", error
+                    "flush failed, keeping rows in memory for the next one: %s",
+                    result.error,
                 )
-            self.sockets.restore(drained_sockets)
-            self.dependencies.restore()
-            if drained_processes is not None:
-                self.processes.restore(drained_processes)
-            return False
-
-        self._unwritten_stats = []
+            return
         self.status.flushes += 1
+        rows = dict(tables)
         log.info(
-            "flushed %d connection and %d listener records to %s",
-            connections.num_rows,
-            listeners.num_rows,
+            "flushed %d connection and %d listener records to %s in %.0f ms",
+            rows["connections"].num_rows,
+            rows["listeners"].num_rows,
             self.store.data_dir,
+            (time.perf_counter() - drained.started) * 1000,
         )
         self._compact_after_new_hour()
-        return True
+
+    def _settle(self, drained: "DrainedFlush", result: WriteResult) -> None:
+        """Forget what a flush stored, or put its records back after an error."""
+        if result.ok:
+            self._unwritten_stats = []
+            return
+        self.sockets.restore(drained.sockets)
+        self.dependencies.restore()
+        if drained.processes is not None:
+            self.processes.restore(drained.processes)
 
     def _compact_after_new_hour(self) -> None:
         """Compact the earlier hours when this flush is the first of a new hour.
@@ -371,6 +491,10 @@ class Collector:
         on_status: Callable[[CollectorStatus], None] | None = None,
     ) -> CollectorStatus:
         """Sample every interval seconds until stop is set or duration passes."""
+        # While a background flush runs, the sampling thread waits up to the
+        # switch interval (5 ms by default) each time it needs the GIL, which
+        # would stretch the samples taken during a flush several times over.
+        sys.setswitchinterval(SWITCH_INTERVAL)
         started = time.monotonic()
         next_sample = started
         next_flush = started + flush_interval
@@ -391,7 +515,7 @@ class Collector:
             if duration is not None and now - started >= duration:
                 break
             if now >= next_flush or self.records_waiting() >= FLUSH_AT_RECORDS:
-                self.flush()
+                self.flush_in_background()
                 next_flush = now + flush_interval
 
             next_sample += interval

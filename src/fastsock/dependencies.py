@@ -57,6 +57,11 @@ class DependencyModel:
         self._drained_detections: pa.Table | None = None
         self._drained_flows: pa.Table | None = None
 
+        # What start_flush() took from the sampling side for the flush; None
+        # when the flush runs in the sampling thread without it.
+        self._flush_detections: list[pa.Table] | None = None
+        self._flush_us: int | None = None
+
     def observe(self, snapshot: pa.Table, live: pa.Table, time_us: int) -> pa.Table:
         """Record one sample's closing rows; return live with opened_after_us.
 
@@ -82,6 +87,16 @@ class DependencyModel:
         if tables is None:
             return [self.snapshotter.netns or 0]
         return [namespace.inode or 0 for namespace in tables.namespaces]
+
+    def start_flush(self) -> None:
+        """Take what a flush reads of the sampling side; call in the sampling thread.
+
+        classify(), detections() and flows() read only what this took and
+        state that samples do not touch, so they may run in another thread
+        while observe() goes on, one flush at a time.
+        """
+        self._flush_detections = self.time_wait.take_pending()
+        self._flush_us = self.latest_sample_us
 
     def classify(self, drained: pa.Table) -> pa.Table:
         """Return drained lifetimes with a direction column (NULL for listeners).
@@ -116,7 +131,8 @@ class DependencyModel:
         """
         live = _select_read(drained)
         live = live.filter(pc.is_valid(drained.column("direction")))
-        detected = self.time_wait.drain(live)
+        detected = self.time_wait.drain(live, self._flush_detections)
+        self._flush_detections = None
         self._drained_detections = detected
         self._prune(live)
         if detected is None or detected.num_rows == 0:
@@ -138,9 +154,13 @@ class DependencyModel:
     def flows(self, connections: pa.Table) -> pa.Table:
         """Return the flow records that the flush's connection records change."""
         self._drained_flows = self.flow_aggregator.update(
-            connections, self.latest_sample_us
+            connections, self._flush_time_us()
         )
         return self._drained_flows
+
+    def _flush_time_us(self) -> int:
+        """Return the time of the latest sample that the flush includes."""
+        return self.latest_sample_us if self._flush_us is None else self._flush_us
 
     def restore(self) -> None:
         """Keep the detections and flows of a flush that failed to store them."""
@@ -154,7 +174,7 @@ class DependencyModel:
     def _prune(self, live: pa.Table) -> None:
         still_open = live.filter(pc.invert(live.column("closed")))
         forgotten = self.listeners.prune(
-            _classify_input(still_open), self.latest_sample_us
+            _classify_input(still_open), self._flush_time_us()
         )
         if forgotten:
             log.debug(

@@ -161,13 +161,53 @@ class LifetimeTracker:
         cached = self._null_counts.get(column)
         if cached is not None and cached[0] == self.version:
             return cached[1]
-        rows = self._rows()
-        count = 0
-        if rows is not None and rows.column(column).null_count:
-            valid = rows.column(column).is_valid().to_numpy(zero_copy_only=False)
-            count = int(np.count_nonzero(self._open & ~valid))
+        count = len(self.null_positions(column))
         self._null_counts[column] = (self.version, count)
         return count
+
+    def null_positions(self, column: str) -> np.ndarray:
+        """Return the positions of the open entities with a NULL in column."""
+        rows = self._rows()
+        if rows is None or not rows.column(column).null_count:
+            return np.empty(0, dtype=np.int64)
+        valid = rows.column(column).is_valid().to_numpy(zero_copy_only=False)
+        return np.flatnonzero(self._open & ~valid)
+
+    def update_rows(self, positions: np.ndarray, values: pa.Table) -> None:
+        """Replace columns of the kept rows at positions, one row of values each.
+
+        For attributes learnt after the first sight, such as the owner of a
+        socket whose process was not found then. Only the parts that hold
+        positions are copied.
+        """
+        positions = np.asarray(positions, dtype=np.int64)
+        sizes = [part.num_rows for part in self._parts]
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        part_of = np.searchsorted(starts, positions, side="right") - 1
+        for index in np.unique(part_of).tolist():
+            chosen = np.flatnonzero(part_of == index)
+            part = self._parts[index]
+            # Row i of the part takes row picks[i] of (the part's column, the values).
+            picks = np.arange(part.num_rows)
+            picks[positions[chosen] - starts[index]] = part.num_rows + np.arange(
+                len(chosen)
+            )
+            picks = pa.array(picks)
+            replacing = values.take(pa.array(chosen))
+            for name in values.column_names:
+                column = part.schema.get_field_index(name)
+                field = part.schema.field(column)
+                merged = pa.concat_arrays(
+                    [
+                        part.column(column).combine_chunks(),
+                        replacing.column(name).combine_chunks().cast(field.type),
+                    ]
+                )
+                part = part.set_column(column, field, merged.take(picks))
+            self._parts[index] = part
+        # The keys stay, so the hash index stays too.
+        self._table = None
+        self.version += 1
 
     def close_keys(
         self,
@@ -297,7 +337,12 @@ class LifetimeTracker:
             return None
         if self._open_count < len(self._keys):
             self._compact()
-        parts = self._closed_parts
+        # The closed records come one small table per sample; as one chunk
+        # they cost each later filter one call per column, not one per sample.
+        parts = []
+        if self._closed_parts:
+            closed = pa.concat_tables(self._closed_parts, promote_options="default")
+            parts.append(closed.combine_chunks())
         parts.append(self._records(None, closed=False))
         self._closed_parts = []
         # Restored records of close events have columns that samples lack.

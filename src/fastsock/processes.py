@@ -521,6 +521,18 @@ class Attributor:
         self._rescan_if_unknown(requested)
         return self._build_table(distinct)
 
+    def known_owners(self, inodes: np.ndarray) -> pa.Table:
+        """Return the holders of inodes as resolve() does, from the cached pairs only.
+
+        Walks no fd links and leaves processes() as it was, so a caller can
+        look again for sockets that the last walks found no holder for.
+        """
+        last_holders = self._last_holders
+        try:
+            return self._build_table(np.unique(as_inode_array(inodes)))
+        finally:
+            self._last_holders = last_holders
+
     def processes(self) -> pa.Table:
         """Return the processes that held the inodes of the last resolve().
 

@@ -15,9 +15,11 @@ namespace's counters are read through ``/proc/<pid>/net/snmp`` of a process
 inside it.
 """
 
+import functools
 import logging
 import os
 import statistics
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -141,7 +143,8 @@ class StatsMeter:
                 log.warning(
                     "the completeness meter is off for %s: %s/net/snmp has no "
                     "TCP open counters",
-                    "this proc root" if self.netns is None
+                    "this proc root"
+                    if self.netns is None
                     else f"network namespace {self.netns}",
                     self.namespace.proc_dir,
                 )
@@ -247,12 +250,26 @@ class StatsMeter:
         return pa.Table.from_arrays(arrays, schema=schema.COLLECTOR_STATS)
 
 
+def _locked(method):
+    """Run a NamespaceMeters method while holding the instance's lock."""
+
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return run
+
+
 class NamespaceMeters:
     """One StatsMeter per network namespace that the collector reads.
 
     A meter is made when a namespace is first read. When the namespace is no
     longer read, its meter and unflushed period are dropped, because with no
     process left in it its counters cannot be read for a last row.
+
+    Samples add to the meters while a flush may read them in another thread,
+    so each public method holds a lock.
     """
 
     def __init__(self, host: str, proc_root: str, source: str) -> None:
@@ -260,7 +277,9 @@ class NamespaceMeters:
         self.proc_root = proc_root
         self.source = source
         self.meters: dict[int | None, StatsMeter] = {}
+        self._lock = threading.Lock()
 
+    @_locked
     def follow(self, namespaces: list[Namespace], close_events: set) -> None:
         """Make a meter per namespace and drop those of namespaces not listed.
 
@@ -290,6 +309,7 @@ class NamespaceMeters:
                     inode,
                 )
 
+    @_locked
     def add_sample(
         self,
         time_us: int,
@@ -308,6 +328,7 @@ class NamespaceMeters:
                 opened.get(inode, 0),
             )
 
+    @_locked
     def add_opens(self, opened: dict[int | None, int]) -> None:
         """Add TCP connections recorded outside a sample, per namespace inode."""
         for inode, count in opened.items():
@@ -315,6 +336,7 @@ class NamespaceMeters:
             if meter is not None:
                 meter.add_opens(count)
 
+    @_locked
     def add_detections(self, detected: pa.Table | None) -> None:
         """Add connections records of TIME_WAIT detections to their namespaces."""
         if detected is None or detected.num_rows == 0:
@@ -325,6 +347,7 @@ class NamespaceMeters:
             rows = netns == (NO_NETNS if inode is None else inode)
             meter.add_detections(first_seen[rows])
 
+    @_locked
     def flush_rows(
         self, time_us: int, counters: dict[int | None, dict[str, int]]
     ) -> pa.Table | None:

@@ -111,19 +111,30 @@ class ClosedConnectionDetector:
         )
         return int(new.sum())
 
-    def drain(self, live: pa.Table) -> pa.Table | None:
+    def take_pending(self) -> list[pa.Table]:
+        """Hand over the detections that observe() found since the last call."""
+        pending, self._pending = self._pending, []
+        return pending
+
+    def drain(
+        self, live: pa.Table, pending: list[pa.Table] | None = None
+    ) -> pa.Table | None:
         """Return the detections since the last drain, minus connections tracked live.
 
         live contains the drained live connections (open and closed), with the
         FOUR_TUPLE columns. Their four-tuples are also kept until the next drain,
-        for a row that is listed just after a drain.
+        for a row that is listed just after a drain. pending is what
+        take_pending() returned, for a drain in another thread than observe();
+        by default the pending detections are taken here.
         """
-        if not self._pending:
+        if pending is None:
+            pending = self.take_pending()
+        if not pending:
             self._recently_live = _tuples(live)
             return None
 
-        detected = pa.concat_tables(self._pending)
-        self._pending = []
+        # One table per sample that found detections, merged into one chunk.
+        detected = pa.concat_tables(pending).combine_chunks()
         for tracked in (self._recently_live, _tuples(live)):
             if tracked is not None and detected.num_rows:
                 detected = _without(detected, tracked)
@@ -160,7 +171,9 @@ def _without(detected: pa.Table, tracked: pa.Table) -> pa.Table:
     detected_keys = detected_keys.set_column(
         0, "netns", detected_keys.column("netns").fill_null(0)
     )
-    matched, _ = inner_join_rows(detected_keys, tracked, keys, list(tracked.column_names))
+    matched, _ = inner_join_rows(
+        detected_keys, tracked, keys, list(tracked.column_names)
+    )
     untracked = np.ones(detected.num_rows, dtype=bool)
     untracked[matched] = False
     return detected.filter(pa.array(untracked))

@@ -1,0 +1,121 @@
+"""Late owners, and flushes that run while sampling goes on."""
+
+import socket
+import subprocess
+
+import pytest
+
+from fastsock.collector import Collector
+from fastsock.query import run_query
+from fastsock.snapshot import Snapshotter
+from fastsock.store import ParquetStore
+from proctree import write_process
+from test_direction import CLIENT, ESTABLISHED, SERVER, TreeCollector, tcp_row
+from test_store import tmpfs  # noqa: F401 (a fixture)
+
+
+def owners_by_inode(data_dir) -> dict[int, tuple]:
+    rows = run_query(data_dir, "SELECT inode, pid, comm FROM connections").to_pylist()
+    return {row["inode"]: (row["pid"], row["comm"]) for row in rows}
+
+
+def test_owner_found_after_first_sample(tmp_path):
+    tree = TreeCollector(tmp_path)
+    first = tcp_row(1, CLIENT, SERVER, ESTABLISHED, 501)
+    tree.sample(tcp=[first])
+
+    # The process shows up later, holding that socket and a new one, whose
+    # lookup walks the fd links again.
+    write_process(tree.root, {"pid": 700, "comm": "late-owner",
+                              "fds": {"3": "socket:[501]", "4": "socket:[502]"}})
+    second = tcp_row(2, (CLIENT[0], 50001), SERVER, ESTABLISHED, 502)
+    tree.sample(tcp=[first, second])
+    tree.collector.flush()
+
+    owners = owners_by_inode(tree.data)
+    assert owners[501] == (700, "late-owner")
+    assert owners[502] == (700, "late-owner")
+    assert tree.collector.status.unattributed == 0
+
+
+def test_owner_stays_null_without_holder(tmp_path):
+    tree = TreeCollector(tmp_path)
+    first = tcp_row(1, CLIENT, SERVER, ESTABLISHED, 501)
+    tree.sample(tcp=[first])
+    write_process(tree.root, {"pid": 700, "comm": "other", "fds": {"4": "socket:[502]"}})
+    second = tcp_row(2, (CLIENT[0], 50001), SERVER, ESTABLISHED, 502)
+    tree.sample(tcp=[first, second])
+    tree.collector.flush()
+
+    owners = owners_by_inode(tree.data)
+    assert owners[501] == (None, None)
+    assert owners[502] == (700, "other")
+    assert tree.collector.status.unattributed == 1
+
+
+def loopback_pair(listener: socket.socket) -> tuple[socket.socket, socket.socket]:
+    client = socket.create_connection(listener.getsockname())
+    accepted, _ = listener.accept()
+    return client, accepted
+
+
+def close_pair(pair: tuple[socket.socket, socket.socket]) -> int:
+    """Close both ends and return the client's port."""
+    port = pair[0].getsockname()[1]
+    for end in pair:
+        end.close()
+    return port
+
+
+def stored_ports(data_dir, port: int) -> list[int]:
+    sql = (
+        "SELECT local_port FROM connections "
+        f"WHERE remote_port = {port} AND closed ORDER BY local_port"
+    )
+    return run_query(data_dir, sql).column("local_port").to_pylist()
+
+
+def test_samples_during_background_flush(tmp_path):
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    collector = Collector(Snapshotter(), ParquetStore(tmp_path), auto_compact=False)
+
+    before = loopback_pair(listener)
+    collector.sample()
+    before_port = close_pair(before)
+    collector.sample()
+    collector.flush_in_background()
+
+    # A connection that lives only while the flush runs is sampled too.
+    during = loopback_pair(listener)
+    collector.sample()
+    during_port = close_pair(during)
+    collector.sample()
+    assert collector.flush()
+    listener.close()
+
+    assert stored_ports(tmp_path, port) == sorted([before_port, during_port])
+    assert collector.status.flushes == 2
+    assert collector.status.failed_flushes == 0
+
+
+@pytest.mark.root
+def test_failed_background_write_keeps_rows(tmpfs):  # noqa: F811
+    data_dir = tmpfs("size=8m")
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    collector = Collector(Snapshotter(), ParquetStore(data_dir), auto_compact=False)
+    pair = loopback_pair(listener)
+    collector.sample()
+    client_port = close_pair(pair)
+    collector.sample()
+
+    tmpfs.remount_read_only()
+    collector.flush_in_background()
+    assert not collector.flush()
+    subprocess.run(["mount", "-o", "remount,rw", str(data_dir)], check=True)
+    assert collector.flush()
+    listener.close()
+
+    assert stored_ports(data_dir, port) == [client_port]
+    assert collector.status.failed_flushes == 2
