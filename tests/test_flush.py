@@ -1,12 +1,15 @@
-"""Late owners, and flushes that run while sampling goes on."""
+"""Late owners, flushes that run while sampling goes on, and rows taken as runs."""
 
 import socket
 import subprocess
 
+import numpy as np
+import pyarrow as pa
 import pytest
 
 from fastsock.collector import Collector
 from fastsock.query import run_query
+from fastsock.rowruns import take_rows
 from fastsock.snapshot import Snapshotter
 from fastsock.store import ParquetStore
 from proctree import write_process
@@ -119,3 +122,26 @@ def test_failed_background_write_keeps_rows(tmpfs):  # noqa: F811
 
     assert stored_ports(data_dir, port) == [client_port]
     assert collector.status.failed_flushes == 2
+
+
+@pytest.mark.parametrize(
+    "indices",
+    [[], [0, 1, 2, 3, 4, 5, 6, 7, 8, 9], [0, 1, 3, 6, 7, 8], [9], [5, 3, 4], [7, 8, 0, 1]],
+)
+def test_take_rows_as_runs(indices):
+    table = pa.table({"n": list(range(10)), "text": [str(n) for n in range(10)]})
+
+    taken = take_rows(table, np.array(indices, dtype=np.int64))
+
+    assert taken.column("n").to_pylist() == indices
+    assert taken.column("text").to_pylist() == [str(n) for n in indices]
+
+
+def test_take_rows_copies_many_runs():
+    table = pa.table({"n": list(range(1000))})
+    every_other = np.arange(0, 1000, 2)
+
+    taken = take_rows(table, every_other)
+
+    assert taken.column("n").to_pylist() == every_other.tolist()
+    assert taken.column("n").num_chunks == 1

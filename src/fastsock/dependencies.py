@@ -13,6 +13,7 @@ import pyarrow.compute as pc
 
 from fastsock.direction import ListenerHistory, classify, read_ephemeral_ports
 from fastsock.flows import DEFAULT_BUCKET_SECONDS, FlowAggregator
+from fastsock.rowruns import rows_where
 from fastsock.snapshot import Snapshotter
 from fastsock.sockets import is_listening
 from fastsock.timewait import FOUR_TUPLE, ClosedConnectionDetector, detection_records
@@ -113,7 +114,7 @@ class DependencyModel:
         # Only the columns that classification reads are filtered, so the
         # owner and counter columns of every drained row are not copied.
         connections = _classify_input(_select_read(drained))
-        connections = connections.filter(pa.array(~listening))
+        connections = rows_where(connections, ~listening)
         directions, _ = classify(connections, self.listeners, self.ephemeral_ports)
         del connections
 
@@ -130,7 +131,7 @@ class DependencyModel:
         among its rows are dropped. The listener history is pruned afterwards.
         """
         live = _select_read(drained)
-        live = live.filter(pc.is_valid(drained.column("direction")))
+        live = rows_where(live, _valid(drained.column("direction")))
         detected = self.time_wait.drain(live, self._flush_detections)
         self._flush_detections = None
         self._drained_detections = detected
@@ -172,7 +173,7 @@ class DependencyModel:
         self._drained_flows = None
 
     def _prune(self, live: pa.Table) -> None:
-        still_open = live.filter(pc.invert(live.column("closed")))
+        still_open = rows_where(live, ~_valid(live.column("closed"), values=True))
         forgotten = self.listeners.prune(
             _classify_input(still_open), self._flush_time_us()
         )
@@ -180,6 +181,13 @@ class DependencyModel:
             log.debug(
                 "forgot %d closed listeners; %d remain", forgotten, len(self.listeners)
             )
+
+
+def _valid(column: pa.ChunkedArray, values: bool = False) -> np.ndarray:
+    """Return which rows of column are not NULL, or with values, which are true."""
+    if values:
+        return column.fill_null(False).to_numpy(zero_copy_only=False).astype(bool)
+    return column.is_valid().to_numpy(zero_copy_only=False)
 
 
 def _select_read(drained: pa.Table) -> pa.Table:

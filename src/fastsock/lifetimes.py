@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from fastsock.core import load_extension
+from fastsock.rowruns import take_rows
 
 _keyindex = load_extension("_keyindex")
 
@@ -309,7 +310,7 @@ class LifetimeTracker:
             # place at each sample, so they are copied by the indexing below.
             indices = np.arange(len(self._keys))
         else:
-            table = table.take(pa.array(indices, pa.int64()))
+            table = take_rows(table, indices)
         count = len(indices)
         for name, values in self._latest.items():
             position = table.schema.get_field_index(name)
@@ -331,19 +332,21 @@ class LifetimeTracker:
         Closed records are handed out once; open ones appear again at every
         drain with their latest last sight. Returns None before any sample.
         The checkpoint shares the tracker's buffers, so it costs no copy of
-        the rows.
+        the rows unless closed entities split the open ones into many runs
+        (see fastsock.rowruns).
         """
         if self._schema is None:
             return None
-        if self._open_count < len(self._keys):
-            self._compact()
         # The closed records come one small table per sample; as one chunk
         # they cost each later filter one call per column, not one per sample.
         parts = []
         if self._closed_parts:
             closed = pa.concat_tables(self._closed_parts, promote_options="default")
             parts.append(closed.combine_chunks())
-        parts.append(self._records(None, closed=False))
+        open_positions = None
+        if self._open_count < len(self._keys):
+            open_positions = np.flatnonzero(self._open)
+        parts.append(self._records(open_positions, closed=False))
         self._closed_parts = []
         # Restored records of close events have columns that samples lack.
         return pa.concat_tables(parts, promote_options="default")

@@ -6,8 +6,8 @@ import pyarrow.compute as pc
 
 from fastsock import schema
 from fastsock.identity import combine, text_id
+from fastsock.rowruns import rows_where
 from fastsock.sockets import PROTOCOL_SCALARS, decode_states, is_listening
-
 
 # Text of a socket's owner, the same for every socket of a process. Flush
 # tables keep these columns dictionary-encoded, so that selecting 100,000
@@ -138,9 +138,10 @@ def socket_records(
     }
     listening = is_listening(codes, is_udp)
 
-    connections = _assemble(
-        drained, columns, "conn_id", record_id, schema.CONNECTIONS
-    ).filter(pa.array(~listening))
+    connections = rows_where(
+        _assemble(drained, columns, "conn_id", record_id, schema.CONNECTIONS),
+        ~listening,
+    )
     listeners = _assemble(
         drained, columns, "listener_id", record_id, schema.LISTENERS
     ).filter(pa.array(listening))

@@ -211,13 +211,15 @@ class ParquetStore:
 def conform_table(table_name: str, table: pa.Table, schema: pa.Schema) -> pa.Table:
     """Return ``table`` with the columns of ``schema``, in its order and types.
 
+    A dictionary-encoded column of the schema's value type is kept encoded.
     Raises StoreError naming the column when one is missing, is not in the schema,
     cannot be cast safely, or when last_seen has nulls.
     """
     _check_column_names(table_name, table, schema)
 
     columns = [_cast_column(table_name, table, field) for field in schema]
-    conformed = pa.Table.from_arrays(columns, schema=schema)
+    fields = [field.with_type(column.type) for field, column in zip(schema, columns)]
+    conformed = pa.Table.from_arrays(columns, schema=pa.schema(fields))
 
     null_count = conformed.column("last_seen").null_count
     if null_count:
@@ -286,6 +288,10 @@ def _cast_column(table_name: str, table: pa.Table, field: pa.Field) -> pa.Chunke
     column = table.column(field.name)
     if column.type == field.type:
         return column
+    if pa.types.is_dictionary(column.type) and column.type.value_type == field.type:
+        # Encoded text is written as it is: Parquet stores it as text, and a
+        # cast would copy every value of the column.
+        return column
 
     try:
         return column.cast(field.type)
@@ -318,8 +324,14 @@ def _encode_parquet(rows: pa.Table) -> pa.Buffer:
     # Encoding to memory first keeps encoding errors apart from I/O errors, and
     # the file is then written with plain os calls whose OSError keeps its errno.
     sink = pa.BufferOutputStream()
+    # Without the Arrow schema in the file, readers see dictionary-encoded
+    # columns as plain text, like the rest of the store.
     pq.write_table(
-        rows, sink, compression=COMPRESSION, row_group_size=ROW_GROUP_ROWS
+        rows,
+        sink,
+        compression=COMPRESSION,
+        row_group_size=ROW_GROUP_ROWS,
+        store_schema=False,
     )
     return sink.getvalue()
 

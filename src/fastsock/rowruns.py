@@ -1,0 +1,35 @@
+"""Select table rows as slices of runs, which copies nothing, when the runs are few.
+
+A flush selects nearly every row of large tables: the connections among
+the drained sockets, the open sockets among those the tracker keeps. A
+filter or take would copy every column of them. Consecutive rows are instead
+taken as slices of the table, and the slices joined without a copy.
+"""
+
+import numpy as np
+import pyarrow as pa
+
+# Up to this many runs are joined as slices. More would make a table of many
+# small chunks, whose every later filter makes one call per chunk, so the
+# rows are copied instead.
+MAX_RUNS = 64
+
+
+def rows_where(table: pa.Table, mask: np.ndarray) -> pa.Table:
+    """Return the rows of table where the boolean mask is true, in order."""
+    if mask.all():
+        return table
+    return take_rows(table, np.flatnonzero(mask))
+
+
+def take_rows(table: pa.Table, indices: np.ndarray) -> pa.Table:
+    """Return the rows of table at indices, in their order; runs are +1 steps."""
+    if len(indices) == 0:
+        return table.slice(0, 0)
+    breaks = np.flatnonzero(np.diff(indices) != 1) + 1
+    if len(breaks) >= MAX_RUNS:
+        return table.take(pa.array(indices, pa.int64()))
+    starts = indices[np.concatenate([[0], breaks])]
+    ends = indices[np.concatenate([breaks - 1, [len(indices) - 1]])] + 1
+    slices = [table.slice(start, end - start) for start, end in zip(starts, ends)]
+    return slices[0] if len(slices) == 1 else pa.concat_tables(slices)
