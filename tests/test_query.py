@@ -516,9 +516,13 @@ def test_view_keeps_earliest_first_seen(tmp_path):
     assert result.column("last_seen").to_pylist() == [at(12)]
 
 
-def test_junk_parquet_file_raises_query_error(data_dir):
+def test_junk_parquet_file_is_skipped(data_dir, caplog):
     junk = data_dir / "connections" / "date=2024-03-01" / "hour=10" / "junk.parquet"
     junk.write_bytes(b"not parquet")
 
-    with pytest.raises(QueryError, match="junk.parquet|connections"):
-        run_query(data_dir, "select count(*) from connections")
+    result = run_query(data_dir, "select count(*) AS n from connections")
+
+    assert result.column("n").to_pylist() == [2]
+    assert "skipping 1 damaged Parquet file" in caplog.text
+    assert str(junk) in caplog.text
+    assert junk.read_bytes() == b"not parquet"

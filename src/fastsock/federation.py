@@ -36,12 +36,13 @@ import duckdb
 import pyarrow as pa
 
 from fastsock.auth import Credentials
+from fastsock.damaged import find_damaged_files
 from fastsock.discovery import local_addresses, peer_addresses
 from fastsock.endpoints import DEFAULT_AGENT_PORT, Endpoint, parse_endpoint
 from fastsock.errors import QueryError
 from fastsock.federation_errors import AgentError
-from fastsock.limits import DEFAULT_MAX_QUERY_SECONDS, DEFAULT_MAX_ROWS
 from fastsock.flight_client import FlightAgentError, stream
+from fastsock.limits import DEFAULT_MAX_QUERY_SECONDS, DEFAULT_MAX_ROWS
 from fastsock.node import NodeIdentity
 from fastsock.pushdown import validate_select
 from fastsock.query import open_database, quote_identifier
@@ -224,6 +225,7 @@ class PullAnswer:
         self.schema = request.rows_schema()
         self.reports: list[NodeReport] = []
         self.rows = 0
+        self._database: "duckdb.DuckDBPyConnection | None" = None
 
     def __iter__(self):
         started = time.monotonic()
@@ -236,9 +238,7 @@ class PullAnswer:
             return
 
         try:
-            database = open_database(
-                self.node.data_dir, sandboxed=True, time_zone=request.time_zone
-            )
+            self._database = self._open_database()
         except (duckdb.Error, OSError, QueryError) as error:
             log.warning(
                 "query %s: cannot open the data directory: %s", request.query_id, error
@@ -250,15 +250,15 @@ class PullAnswer:
         fanout = None
         try:
             try:
-                addresses, targets, skipped, problem = self._find_peers(database)
+                addresses, targets, skipped, problem = self._find_peers()
                 fanout = PeerFanout(self.node, request, targets, deadline, self.schema)
                 fanout.start()
 
                 status, reason = DUPLICATE, ""
                 if role == AnswerRegistry.ROWS:
-                    status, reason = yield from self._own_rows(database, deadline)
+                    status, reason = yield from self._own_rows(deadline)
             finally:
-                database.close()
+                self._database.close()
 
             yield from fanout.batches()
         finally:
@@ -293,23 +293,44 @@ class PullAnswer:
             addresses=addresses,
         )
 
-    def _find_peers(self, database) -> tuple:
+    def _open_database(self) -> duckdb.DuckDBPyConnection:
+        return open_database(
+            self.node.data_dir, sandboxed=True, time_zone=self.request.time_zone
+        )
+
+    def _reopen_without_damaged(self, error: Exception) -> bool:
+        """Reopen the database if ``error`` came from damaged Parquet files.
+
+        The new database's views skip the files that find_damaged_files
+        recorded. Returns False, and keeps the database, for any other error.
+        """
+        damaged = find_damaged_files(self.node.data_dir, error)
+        if not damaged:
+            return False
+
+        log.info(
+            "query %s: reading %s again without %d damaged files",
+            self.request.query_id,
+            self.node.data_dir,
+            len(damaged),
+        )
+        self._database.close()
+        self._database = self._open_database()
+        return True
+
+    def _find_peers(self) -> tuple:
         """Return (own addresses, targets, skipped reports, problem) of this node.
 
         ``problem`` is why discovery failed, or an empty string.
         """
         request = self.request
-        merged_map = {**self.node.peers, **request.peers}
         try:
-            own_addresses = local_addresses(database)
-            addresses = peer_addresses(
-                database,
-                request.direction,
-                exclude_ports=self.node.agent_ports,
-                mapped=frozenset(merged_map),
-                own_addresses=own_addresses,
-            )
-            targets = _targets(addresses, merged_map, self.node.credentials)
+            try:
+                own_addresses, targets = self._discover()
+            except duckdb.Error as error:
+                if not self._reopen_without_damaged(error):
+                    raise
+                own_addresses, targets = self._discover()
         except (duckdb.Error, ValueError) as error:
             # ValueError includes EndpointError, for a bad peers map entry.
             log.warning("query %s: peer discovery failed: %s", request.query_id, error)
@@ -333,9 +354,28 @@ class PullAnswer:
         ]
         return own_addresses, [], skipped, ""
 
-    def _own_rows(self, database, deadline: float):
-        """Yield this node's rows; return (status, reason) when done."""
+    def _discover(self) -> tuple[list[str], list]:
+        """Return this node's own addresses and the peers to send the pull to."""
         request = self.request
+        merged_map = {**self.node.peers, **request.peers}
+        own_addresses = local_addresses(self._database)
+        addresses = peer_addresses(
+            self._database,
+            request.direction,
+            exclude_ports=self.node.agent_ports,
+            mapped=frozenset(merged_map),
+            own_addresses=own_addresses,
+        )
+        return own_addresses, _targets(addresses, merged_map, self.node.credentials)
+
+    def _own_rows(self, deadline: float, retry: bool = True):
+        """Yield this node's rows; return (status, reason) when done.
+
+        A query that fails on a damaged Parquet file before any row is sent
+        runs once more over views that skip the damaged files.
+        """
+        request = self.request
+        database = self._database
         if request.table is None or not _has_view(database, request.table):
             return OK, ""
 
@@ -358,7 +398,14 @@ class PullAnswer:
                     return PARTIAL, "stopped at the time limit"
         except duckdb.InterruptException:
             return (PARTIAL if self.rows else FAILED), "stopped at the time limit"
-        except (duckdb.Error, QueryError) as error:
+        except (duckdb.Error, OSError, QueryError) as error:
+            # In DuckDB 2.0.1 a read error that comes while batches stream
+            # arrives as OSError. Damaged files are recorded even when rows
+            # were sent, so later pulls skip them.
+            reopened = retry and self._reopen_without_damaged(error)
+            if reopened and not self.rows:
+                timer.cancel()
+                return (yield from self._own_rows(deadline, retry=False))
             log.warning("query %s: own rows failed: %s", request.query_id, error)
             return (PARTIAL if self.rows else FAILED), f"query failed: {error}"
         finally:

@@ -213,16 +213,16 @@ def client_credentials(token_file: "Path | None", tls_ca: "Path | None"):
 
 def stored_node_name(data_dir: Path) -> "str | None":
     """Return the host name most of the stored connections carry, or None."""
-    from fastsock.query import open_database
+    from fastsock.errors import NoDataError
+    from fastsock.query import run_query
 
-    database = open_database(data_dir, sandboxed=True)
+    # run_query, unlike a bare connection, skips damaged Parquet files.
+    sql = "SELECT host FROM connections GROUP BY host ORDER BY count(*) DESC LIMIT 1"
     try:
-        row = database.execute(
-            "SELECT host FROM connections GROUP BY host ORDER BY count(*) DESC LIMIT 1"
-        ).fetchone()
-    finally:
-        database.close()
-    return row[0] if row else None
+        hosts = run_query(data_dir, sql, sandboxed=True).column("host").to_pylist()
+    except NoDataError:
+        return None
+    return hosts[0] if hosts else None
 
 
 def serve_config(

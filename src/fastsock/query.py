@@ -6,6 +6,10 @@ columns, for a table that has no files yet):
 - ``<table>_records``: every stored record, with the hive partition columns
   ``date`` (DATE) and ``hour`` (INTEGER) taken from the directory names.
 - ``<table>``: one row per key column, the record with the latest last_seen.
+
+A damaged Parquet file (truncated, or with a broken footer or data page) is
+skipped with a logged warning, and the views read the other files. The check
+runs only after DuckDB fails on a read, and its findings last for the process.
 """
 
 import logging
@@ -17,6 +21,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.dataset as ds
 
+from fastsock.damaged import DAMAGED_FILES, find_damaged_files
 from fastsock.errors import NoDataError, QueryError
 from fastsock.schema import TABLES
 
@@ -28,6 +33,12 @@ PARTITION_TYPES_SQL = "{'date': DATE, 'hour': INTEGER}"
 # Characters that DuckDB's glob treats specially. A data directory whose path
 # contains one cannot be put in a read_parquet glob as it is.
 GLOB_CHARACTERS = frozenset("*?[]{}\\")
+
+# Maximum tries of one query, and of creating one table's views. A try that
+# fails and finds more damaged files is repeated without them. One check finds
+# every damaged footer, so a third try is needed only when a data page is
+# damaged as well as a footer.
+READ_TRIES_MAX = 3
 
 # Settings that make a connection safe for SQL from an untrusted client. The order
 # matters, because temp_directory cannot change once external access is off.
@@ -116,6 +127,7 @@ def run_query(
 ) -> pa.Table:
     """Run ``sql`` over the views of ``data_dir`` and return the result.
 
+    Damaged Parquet files are skipped with a warning (see find_damaged_files).
     Raises NoDataError when no table has files, and QueryError, chained to
     DuckDB's exception, when DuckDB rejects the query or fails to run it.
     """
@@ -132,11 +144,25 @@ def run_query(
     if not sql.strip():
         raise QueryError("the query is empty; pass a SQL statement such as SELECT")
 
-    connection = open_database(root, sandboxed=sandboxed)
-    try:
-        return _fetch_arrow(connection, sql)
-    finally:
-        connection.close()
+    return _run_skipping_damaged(root, sql, sandboxed)
+
+
+def _run_skipping_damaged(root: Path, sql: str, sandboxed: bool) -> pa.Table:
+    skipped = DAMAGED_FILES.under(root.absolute())
+    tries = 0
+    while True:
+        tries += 1
+        connection = open_database(root, sandboxed=sandboxed)
+        try:
+            return _fetch_arrow(connection, sql)
+        except QueryError as error:
+            # A SQL error finds no damaged file, so it is raised unchanged.
+            found = find_damaged_files(root, error.__cause__)
+            if tries == READ_TRIES_MAX or not found or found == skipped:
+                raise
+            skipped = found
+        finally:
+            connection.close()
 
 
 def tables_with_files(data_dir: "str | os.PathLike[str]") -> list[str]:
@@ -171,22 +197,67 @@ def _create_views(
 
     with_files = tables_with_files(root)
     for table_name in TABLES:
-        table_dir = root / table_name
-        if table_name not in with_files:
-            source = _register_empty(connection, table_name)
-        elif use_datasets:
-            source = _register_dataset(connection, table_name, table_dir)
+        if table_name in with_files:
+            _create_file_views(connection, root, table_name, use_datasets)
         else:
-            source = _read_parquet_sql(table_dir)
+            source = _register_empty(connection, table_name)
+            _create_table_views(connection, table_name, source)
 
+
+def _create_file_views(
+    connection: duckdb.DuckDBPyConnection,
+    root: Path,
+    table_name: str,
+    use_datasets: bool,
+) -> None:
+    """Create the views of a table over its files, without the damaged ones.
+
+    read_parquet with union_by_name reads every footer when the view is
+    created, so a damaged footer fails here, and the view is created again
+    without the damaged files that the failure leads to.
+    """
+    table_dir = root / table_name
+    skipped = DAMAGED_FILES.under(table_dir)
+    tries = 0
+    while True:
+        tries += 1
+        source = _files_source(connection, table_name, table_dir, use_datasets)
         try:
             _create_table_views(connection, table_name, source)
+            return
         except duckdb.Error as error:
-            raise QueryError(
-                f"cannot read the {table_name} files under {table_dir}: {error}; "
-                "move any file that is not a fastsock Parquet file out of the "
-                "data directory"
-            ) from error
+            find_damaged_files(root, error)
+            found = DAMAGED_FILES.under(table_dir)
+            if tries == READ_TRIES_MAX or found == skipped:
+                raise QueryError(
+                    f"cannot read the {table_name} files under {table_dir}: "
+                    f"{error}; move any file that is not a fastsock Parquet file "
+                    "out of the data directory"
+                ) from error
+            skipped = found
+
+
+def _files_source(
+    connection: duckdb.DuckDBPyConnection,
+    table_name: str,
+    table_dir: Path,
+    use_datasets: bool,
+) -> str:
+    """Return the SQL source of the table's files, without known damaged ones."""
+    damaged = DAMAGED_FILES.under(table_dir)
+    if not damaged and not use_datasets:
+        return _read_parquet_sql(table_dir)
+
+    if damaged:
+        logger.debug("skipping %d damaged files under %s", len(damaged), table_dir)
+    skipped = set(damaged)
+    files = [path for path in _parquet_files(table_dir) if path not in skipped]
+    if not files:
+        return _register_empty(connection, table_name)
+    # read_parquet expands glob characters even in a list of files.
+    if use_datasets or any(_has_glob_characters(path) for path in files):
+        return _register_dataset(connection, table_name, table_dir, files)
+    return _read_parquet_sql(table_dir, files)
 
 
 def _create_table_views(
@@ -195,7 +266,7 @@ def _create_table_views(
     schema, key = TABLES[table_name]
     records = quote_identifier(f"{table_name}_records")
 
-    connection.execute(f"CREATE VIEW {records} AS SELECT * FROM {source}")
+    connection.execute(f"CREATE OR REPLACE VIEW {records} AS SELECT * FROM {source}")
 
     # The newest record of a key is the current one. A closed record can carry
     # the same last_seen as the checkpoint before it, so closed sorts first on
@@ -209,26 +280,33 @@ def _create_table_views(
     if "first_seen" in schema.names:
         columns = f"* REPLACE (min(first_seen) OVER ({partition}) AS first_seen)"
     connection.execute(
-        f"CREATE VIEW {quote_identifier(table_name)} AS "
+        f"CREATE OR REPLACE VIEW {quote_identifier(table_name)} AS "
         f"SELECT {columns} FROM {records} "
         f"QUALIFY row_number() OVER ({partition} ORDER BY {order}) = 1"
     )
 
 
-def _read_parquet_sql(table_dir: Path) -> str:
+def _read_parquet_sql(table_dir: Path, files: "list[Path] | None" = None) -> str:
     # DuckDB expands the glob at every query, so files written after the
-    # connection opened are read too.
-    pattern = quote_string(f"{table_dir}/**/*.parquet")
+    # connection opened are read too. NOTE: a list of files, used once a file
+    # of the table is known to be damaged, does not see files written later.
+    if files is None:
+        target = quote_string(f"{table_dir}/**/*.parquet")
+    else:
+        target = "[" + ", ".join(quote_string(str(path)) for path in files) + "]"
     return (
-        f"read_parquet({pattern}, hive_partitioning = true, "
+        f"read_parquet({target}, hive_partitioning = true, "
         f"hive_types = {PARTITION_TYPES_SQL}, union_by_name = true)"
     )
 
 
 def _register_dataset(
-    connection: duckdb.DuckDBPyConnection, table_name: str, table_dir: Path
+    connection: duckdb.DuckDBPyConnection,
+    table_name: str,
+    table_dir: Path,
+    files: list[Path],
 ) -> str:
-    """Register the table's files as an Arrow dataset and return its SQL name.
+    """Register ``files`` of the table as an Arrow dataset; return its SQL name.
 
     With enable_external_access off, DuckDB 2.0.1 rejects read_parquet on every
     path, including inside views created before the setting changed. Listing the
@@ -237,13 +315,12 @@ def _register_dataset(
     the views work while SQL still cannot name any file.
     """
     schema, _key = TABLES[table_name]
-    files = [str(path) for path in _parquet_files(table_dir)]
 
     # The full table schema plays the part of union_by_name: a file without a
     # column reads it as null. NOTE: a column that is in a file but not in the
     # schema is dropped here, while read_parquet would keep it.
     dataset = ds.dataset(
-        files,
+        [str(path) for path in files],
         schema=pa.unify_schemas([schema, PARTITION_SCHEMA]),
         format="parquet",
         partitioning=ds.partitioning(PARTITION_SCHEMA, flavor="hive"),
@@ -259,7 +336,9 @@ def _register_empty(connection: duckdb.DuckDBPyConnection, table_name: str) -> s
     """Register an empty Arrow table with the table's columns; return its SQL name."""
     schema, _key = TABLES[table_name]
     name = f"{table_name}_files"
-    connection.register(name, pa.unify_schemas([schema, PARTITION_SCHEMA]).empty_table())
+    connection.register(
+        name, pa.unify_schemas([schema, PARTITION_SCHEMA]).empty_table()
+    )
     return quote_identifier(name)
 
 
