@@ -2,8 +2,8 @@
 
 A damaged file (truncated, or with a broken footer or data page) is
 recorded here and skipped by the views that fastsock.query builds, so
-queries still read the other files. The files themselves are never changed, moved or
-deleted.
+queries still read the other files. The files themselves are never
+changed, moved or deleted.
 """
 
 import logging
