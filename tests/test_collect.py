@@ -389,3 +389,13 @@ def test_netlink_source_with_another_proc_root_rejected(tmp_path):
 
     assert result.returncode == 2
     assert "use --source proc with --proc-root" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["collect", "query", "status", "deps", "agent"])
+def test_help_fits_80_columns(command):
+    result = run_fastsock(command, "--help", env={"COLUMNS": "80"})
+
+    lines = result.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    assert "…" not in result.stdout
+    assert "$FASTSOCK_DATA_DIR, else /var/lib/fastsock" in " ".join(result.stdout.split())

@@ -63,6 +63,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain help wraps each option's text in full; rich's tables cut long
+    # defaults off at 80 columns.
+    rich_markup_mode=None,
 )
 
 log = logging.getLogger("fastsock")
@@ -407,7 +410,7 @@ def status(data_dir: DataDirOption = None) -> None:
     typer.echo(format_status(table))
 
 
-@app.command()
+@app.command(short_help="Merge each past hour's Parquet files into one per table.")
 def compact(
     data_dir: DataDirOption = None,
     table: Annotated[
@@ -462,7 +465,7 @@ def compact(
         typer.echo(f"could not remove merged file: {path}", err=True)
 
 
-@app.command()
+@app.command(short_help="Show the services a process or address uses, and its users.")
 def deps(
     target: Annotated[
         Optional[str],
@@ -599,7 +602,7 @@ def _federated_result(
     return result
 
 
-@app.command()
+@app.command(short_help="Serve the stored tables to federated queries (Flight).")
 def serve(
     listen: ListenOption = DEFAULT_LISTEN,
     data_dir: DataDirOption = None,
