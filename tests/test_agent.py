@@ -118,17 +118,8 @@ def test_agent_collects_and_serves(agents, peers, tmp_path):
     )
     wait_for_comm(data_dir, "fs-agent-cli")
 
-    # --max-depth 0 keeps the walk on this node: the real connections of the
-    # machine must not lead the test to contact other hosts.
-    result = run_fastsock(
-        "query",
-        "--federated",
-        "--agent",
-        f"127.0.0.1:{agent.port}",
-        "--max-depth",
-        "0",
-        "--format",
-        "json",
+    result = query_one_agent(
+        agent.port,
         "SELECT node, comm, pid, host FROM connections WHERE comm = 'fs-agent-cli'",
     )
     rows = json.loads(result.stdout)
@@ -339,3 +330,22 @@ def test_undecodable_token_file_rejected(tmp_path):
     assert result.returncode != 0
     assert "UTF-8" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def query_one_agent(port: int, sql: str):
+    """Run a federated query of the agent at port as JSON, without its peers.
+
+    --max-depth 0 keeps the walk on this node: the real connections of the
+    machine must not lead a test to contact other hosts.
+    """
+    return run_fastsock(
+        "query",
+        "--federated",
+        "--agent",
+        f"127.0.0.1:{port}",
+        "--max-depth",
+        "0",
+        "--format",
+        "json",
+        sql,
+    )

@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import test_agent
+import test_query
 from harness import run_fastsock
 
 from fastsock import damaged as damaged_module
@@ -20,15 +21,11 @@ RECORDS_SQL = "SELECT conn_id FROM connections_records ORDER BY conn_id"
 
 
 def connection(conn_id: int, hour: int) -> dict:
-    return {
-        "host": "node-a",
-        "conn_id": conn_id,
-        "protocol": "tcp",
-        "local_port": 40000 + conn_id,
-        "remote_port": 443,
-        "state": "ESTABLISHED",
-        "last_seen": datetime(2024, 3, 1, hour, tzinfo=timezone.utc),
-    }
+    return test_query.connection(conn_id, "ESTABLISHED", at_hour(hour))
+
+
+def at_hour(hour: int) -> datetime:
+    return datetime(2024, 3, 1, hour, tzinfo=timezone.utc)
 
 
 def process(process_id: int, hour: int) -> dict:
@@ -37,7 +34,7 @@ def process(process_id: int, hour: int) -> dict:
         "process_id": process_id,
         "pid": process_id,
         "comm": f"worker-{process_id}",
-        "last_seen": datetime(2024, 3, 1, hour, tzinfo=timezone.utc),
+        "last_seen": at_hour(hour),
     }
 
 
@@ -286,17 +283,7 @@ def test_agent_skips_damaged_file(tmp_path, table_name, make_row, key):
         "box",
     )
     try:
-        result = run_fastsock(
-            "query",
-            "--federated",
-            "--agent",
-            f"127.0.0.1:{agent.port}",
-            "--max-depth",
-            "0",
-            "--format",
-            "json",
-            sql,
-        )
+        result = test_agent.query_one_agent(agent.port, sql)
     finally:
         agent.stop()
 

@@ -29,8 +29,14 @@ def test_owner_found_after_first_sample(tmp_path):
 
     # The process shows up later, holding that socket and a new one, whose
     # lookup walks the fd links again.
-    write_process(tree.root, {"pid": 700, "comm": "late-owner",
-                              "fds": {"3": "socket:[501]", "4": "socket:[502]"}})
+    write_process(
+        tree.root,
+        {
+            "pid": 700,
+            "comm": "late-owner",
+            "fds": {"3": "socket:[501]", "4": "socket:[502]"},
+        },
+    )
     second = tcp_row(2, (CLIENT[0], 50001), SERVER, ESTABLISHED, 502)
     tree.sample(tcp=[first, second])
     tree.collector.flush()
@@ -45,7 +51,9 @@ def test_owner_stays_null_without_holder(tmp_path):
     tree = TreeCollector(tmp_path)
     first = tcp_row(1, CLIENT, SERVER, ESTABLISHED, 501)
     tree.sample(tcp=[first])
-    write_process(tree.root, {"pid": 700, "comm": "other", "fds": {"4": "socket:[502]"}})
+    write_process(
+        tree.root, {"pid": 700, "comm": "other", "fds": {"4": "socket:[502]"}}
+    )
     second = tcp_row(2, (CLIENT[0], 50001), SERVER, ESTABLISHED, 502)
     tree.sample(tcp=[first, second])
     tree.collector.flush()
@@ -56,17 +64,15 @@ def test_owner_stays_null_without_holder(tmp_path):
     assert tree.collector.status.unattributed == 1
 
 
-def loopback_pair(listener: socket.socket) -> tuple[socket.socket, socket.socket]:
+def sampled_connection(collector: Collector, listener: socket.socket) -> int:
+    """Open, sample, close and sample a loopback connection; return its port."""
     client = socket.create_connection(listener.getsockname())
     accepted, _ = listener.accept()
-    return client, accepted
-
-
-def close_pair(pair: tuple[socket.socket, socket.socket]) -> int:
-    """Close both ends and return the client's port."""
-    port = pair[0].getsockname()[1]
-    for end in pair:
-        end.close()
+    port = client.getsockname()[1]
+    collector.sample()
+    client.close()
+    accepted.close()
+    collector.sample()
     return port
 
 
@@ -83,17 +89,10 @@ def test_samples_during_background_flush(tmp_path):
     port = listener.getsockname()[1]
     collector = Collector(Snapshotter(), ParquetStore(tmp_path), auto_compact=False)
 
-    before = loopback_pair(listener)
-    collector.sample()
-    before_port = close_pair(before)
-    collector.sample()
+    before_port = sampled_connection(collector, listener)
     collector.flush_in_background()
-
     # A connection that lives only while the flush runs is sampled too.
-    during = loopback_pair(listener)
-    collector.sample()
-    during_port = close_pair(during)
-    collector.sample()
+    during_port = sampled_connection(collector, listener)
     assert collector.flush()
     listener.close()
 
@@ -108,10 +107,7 @@ def test_failed_background_write_keeps_rows(tmpfs):  # noqa: F811
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
     collector = Collector(Snapshotter(), ParquetStore(data_dir), auto_compact=False)
-    pair = loopback_pair(listener)
-    collector.sample()
-    client_port = close_pair(pair)
-    collector.sample()
+    client_port = sampled_connection(collector, listener)
 
     tmpfs.remount_read_only()
     collector.flush_in_background()
@@ -126,7 +122,14 @@ def test_failed_background_write_keeps_rows(tmpfs):  # noqa: F811
 
 @pytest.mark.parametrize(
     "indices",
-    [[], [0, 1, 2, 3, 4, 5, 6, 7, 8, 9], [0, 1, 3, 6, 7, 8], [9], [5, 3, 4], [7, 8, 0, 1]],
+    [
+        [],
+        [0, 1, 2, 3, 4, 5, 6, 7, 8, 9],
+        [0, 1, 3, 6, 7, 8],
+        [9],
+        [5, 3, 4],
+        [7, 8, 0, 1],
+    ],
 )
 def test_take_rows_as_runs(indices):
     table = pa.table({"n": list(range(10)), "text": [str(n) for n in range(10)]})
