@@ -148,7 +148,8 @@ def test_short_connection_in_namespace_recorded(namespace_pair, launch, tmp_path
 
 
 def test_listener_per_namespace_follows_scans(namespace_pair, launch):
-    from fastsock.closes import CloseListener, CloseRecorder, NamespaceCloses
+    from fastsock.closelisten import CloseListener
+    from fastsock.closes import CloseRecorder, NamespaceCloses
     from fastsock.lifetimes import LifetimeTracker
     from fastsock.netns import Namespace
 

@@ -38,6 +38,7 @@ class DiagColumns:
     bytes_received: npt.NDArray[np.int64]
     rtt_us: npt.NDArray[np.int64]
     retransmits: npt.NDArray[np.int64]
+    rcv_space: npt.NDArray[np.int64]
     time_us: npt.NDArray[np.int64]
     rows: int
 

@@ -135,6 +135,7 @@ cdef extern from *:
         unsigned long long bytes_received;
         unsigned int rtt_us;
         unsigned int total_retrans;
+        unsigned int rcv_space;
     } fastsock_tcp_counters;
 
     static int fastsock_read_tcp_info(const void* data, size_t length,
@@ -151,6 +152,7 @@ cdef extern from *:
         out->bytes_received = info.tcpi_bytes_received;
         out->rtt_us = info.tcpi_rtt;
         out->total_retrans = info.tcpi_total_retrans;
+        out->rcv_space = info.tcpi_rcv_space;
         return 1;
     }
     """
@@ -159,6 +161,7 @@ cdef extern from *:
         unsigned long long bytes_received
         unsigned int rtt_us
         unsigned int total_retrans
+        unsigned int rcv_space
     int read_tcp_info "fastsock_read_tcp_info"(
         const void* data, size_t length, fastsock_tcp_counters* out) nogil
 
@@ -219,6 +222,7 @@ cdef struct DiagRow:
     uint64_t bytes_received
     uint32_t rtt_us
     uint32_t retransmits
+    uint32_t rcv_space
     int64_t time_us
 
 
@@ -346,6 +350,7 @@ cdef int parse_diag_message(const nlmsghdr* header, int default_protocol,
         row.bytes_received = counters.bytes_received
         row.rtt_us = counters.rtt_us
         row.retransmits = counters.total_retrans
+        row.rcv_space = counters.rcv_space
     return 0
 
 
@@ -617,6 +622,9 @@ cdef class DiagColumns:
     cdef public object bytes_received  # int64
     cdef public object rtt_us          # int64
     cdef public object retransmits     # int64
+    # int64: tcpi_rcv_space, set when the handshake completes and kept by
+    # tcp_disconnect(), so it tells a reset connection from a failed connect.
+    cdef public object rcv_space
     cdef public object time_us         # int64, Unix microseconds of receipt
     cdef public Py_ssize_t rows
 
@@ -629,6 +637,7 @@ def to_columns(DiagBuffer buffer):
     cdef const uint8_t* local
     cdef const uint8_t* remote
     cdef uint8_t folded_remote[16]
+    cdef uint8_t folded_local[16]
     cdef bint mapped
     cdef DiagColumns columns = DiagColumns.__new__(DiagColumns)
 
@@ -653,6 +662,7 @@ def to_columns(DiagBuffer buffer):
     received_arr = np.empty(count, dtype=np.int64)
     rtt_arr = np.empty(count, dtype=np.int64)
     retransmits_arr = np.empty(count, dtype=np.int64)
+    rcv_space_arr = np.empty(count, dtype=np.int64)
     time_arr = np.empty(count, dtype=np.int64)
 
     cdef uint8_t[::1] c_protocol = protocol_arr
@@ -676,6 +686,7 @@ def to_columns(DiagBuffer buffer):
     cdef int64_t[::1] c_received = received_arr
     cdef int64_t[::1] c_rtt = rtt_arr
     cdef int64_t[::1] c_retransmits = retransmits_arr
+    cdef int64_t[::1] c_rcv_space = rcv_space_arr
     cdef int64_t[::1] c_time = time_arr
     cdef int32_t local_used = 0, remote_used = 0
 
@@ -689,7 +700,9 @@ def to_columns(DiagBuffer buffer):
 
             # Fold an IPv6 socket's IPv4-mapped addresses to IPv4, as the
             # /proc parser does: both mapped, or a mapped local address with
-            # an unconnected remote of '::'.
+            # an unconnected remote of '::'. A close event can also have a
+            # mapped remote with a local '::', because tcp_disconnect()
+            # clears the local address of a socket not bound to one.
             mapped = False
             if row.socket_family == 6 and is_ipv4_mapped(local):
                 if is_ipv4_mapped(remote):
@@ -700,6 +713,12 @@ def to_columns(DiagBuffer buffer):
                     folded_remote[10] = 0xFF
                     folded_remote[11] = 0xFF
                     remote = folded_remote
+            elif row.socket_family == 6 and is_zero(local) and is_ipv4_mapped(remote):
+                mapped = True
+                memset(folded_local, 0, 16)
+                folded_local[10] = 0xFF
+                folded_local[11] = 0xFF
+                local = folded_local
 
             if row.socket_family == 4 or mapped:
                 c_family[i] = 4
@@ -736,6 +755,7 @@ def to_columns(DiagBuffer buffer):
             c_received[i] = <int64_t>row.bytes_received
             c_rtt[i] = row.rtt_us
             c_retransmits[i] = row.retransmits
+            c_rcv_space[i] = row.rcv_space
             c_time[i] = row.time_us
 
     columns.rows = count
@@ -760,6 +780,7 @@ def to_columns(DiagBuffer buffer):
     columns.bytes_received = received_arr
     columns.rtt_us = rtt_arr
     columns.retransmits = retransmits_arr
+    columns.rcv_space = rcv_space_arr
     columns.time_us = time_arr
     return columns
 

@@ -277,7 +277,8 @@ def _close_recorder(enabled: bool, source: "SocketSource", snapshotter):
     """
     if not enabled:
         return None
-    from fastsock.closes import CloseRecorder, NamespaceCloses, open_close_listener
+    from fastsock.closelisten import open_close_listener
+    from fastsock.closes import CloseRecorder, NamespaceCloses
 
     netns = snapshotter.netns
     listener = open_close_listener(netns)

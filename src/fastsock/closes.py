@@ -1,29 +1,19 @@
-"""Record every socket that closes, from the kernel's sock_diag destroy events.
+"""Turn the kernel's close events into connection records.
 
-When a process subscribes to the sock_diag destroy multicast groups, the
-kernel sends one inet_diag message for each TCP or UDP socket it destroys,
-with the socket's four-tuple, cookie and final ``struct tcp_info``. The
-socket's inode is already 0 by then. netlink_bind() in the kernel source
-lets only CAP_NET_ADMIN join the groups of a netlink family without
-NL_CFG_F_NONROOT_RECV, yet Linux 6.18 as tested (docs/performance.md) let
-an unprivileged process subscribe and receive every socket's events.
-SO_RCVBUFFORCE, for the large buffer, always needs CAP_NET_ADMIN.
+A :class:`CloseRecorder` folds the events that a
+:class:`~fastsock.closelisten.CloseListener` received into the lifetime
+tracker at each sample: a socket that sampling already tracks gets its
+close time and final counters, and a socket that lived less than one sample
+gets a record of its own with ``detected_by = 'close_event'``.
 
-A :class:`CloseListener` receives those events on a reader thread into a
-large socket buffer, so none is lost while the sampling loop is busy. A
-:class:`CloseRecorder` turns them into connection records at each sample: a
-socket that sampling already tracks gets its close time and final counters,
-and a socket that lived less than one sample gets a record of its own with
-``detected_by = 'close_event'``.
+An aborted connection's event lacks what tcp_disconnect() cleared (see
+fastsock.aborts). It closes the sampled socket it belongs to without
+touching the sampled endpoints and counters. An aborted connection that no
+sample showed gets a record with ``detected_by = 'close_event_abort'`` and
+NULL in place of the cleared values.
 """
 
-import ctypes
 import logging
-import os
-import socket
-import struct
-import threading
-import time
 from collections import Counter
 from typing import Callable
 
@@ -31,58 +21,38 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from fastsock.errors import FastsockError
+from fastsock.aborts import (
+    AMBIGUOUS,
+    NO_ROWS,
+    aborted_connections,
+    assign_rows,
+    clear_reset_values,
+    disconnected,
+    has_address,
+    is_tcp,
+    rows_in_window,
+    sampled_counters_where_reset,
+)
+from fastsock.closelisten import (
+    CloseEventsUnavailable,
+    CloseListener,
+    NamespaceMoved,
+    subscribe_in_namespace,
+)
 from fastsock.lifetimes import LifetimeTracker
-from fastsock.netns import Namespace
 from fastsock.netlink import (
     DIAG_COLUMNS,
     _netlink,
-    columns_to_table,
-    open_diag_socket,
 )
+from fastsock.netns import Namespace
 from fastsock.sockets import is_listening
 
 log = logging.getLogger(__name__)
-
-# Multicast groups of linux/sock_diag.h: SKNLGRP_INET_TCP_DESTROY (1),
-# SKNLGRP_INET_UDP_DESTROY (2), SKNLGRP_INET6_TCP_DESTROY (3) and
-# SKNLGRP_INET6_UDP_DESTROY (4). bind(2) takes group n as bit n - 1.
-DESTROY_GROUPS = (1, 2, 3, 4)
-DESTROY_GROUP_MASK = sum(1 << (group - 1) for group in DESTROY_GROUPS)
-
-SO_RCVBUFFORCE = 33
-SO_MEMINFO = 55
-# SO_MEMINFO returns SK_MEMINFO_VARS (9) u32 values; SK_MEMINFO_DROPS is the
-# last, the number of messages the kernel dropped for a full buffer.
-MEMINFO_FORMAT = "9I"
-MEMINFO_DROPS = 8
-
-# Receive buffer requested for events, in bytes; the kernel doubles it for
-# its own overhead. One event takes about 1.5 KiB of buffer (a ~400-byte
-# message in its skb), so 16 MiB holds over 20,000 events queued while the
-# reader thread waits for the GIL.
-RECEIVE_BUFFER_BYTES = 16 * 1024 * 1024
-
-# How long the reader thread waits for an event before checking whether it
-# should stop, in milliseconds, and how many datagrams it reads per wait.
-POLL_TIMEOUT_MS = 100
-MAX_DATAGRAMS_PER_READ = 4096
-
-# The reader thread hands received events over in batches, once this many
-# seconds have passed since a batch's first event or it contains this many.
-# At thousands of closes per second each read returns a few events, and a
-# table per read made the collector spend seconds per sample building and
-# concatenating them.
-BATCH_SECONDS = 0.02
-BATCH_EVENTS = 65536
 
 # Seconds a record that sampling closed stays matchable by a late event. The
 # kernel sends the event from a work queue after the socket left the table,
 # so it can arrive just after the sample that no longer showed the socket.
 RECENT_SECONDS = 5.0
-
-# Read errors of the reader thread logged before it only counts them.
-MAX_LOGGED_READ_ERRORS = 10
 
 OWNER_COLUMNS = ("pid", "pids", "comm", "exe", "cmdline", "process_start")
 
@@ -90,289 +60,11 @@ OWNER_COLUMNS = ("pid", "pids", "comm", "exe", "cmdline", "process_start")
 ATTRIBUTED_BY_LISTENER = "listener"
 NEVER_SAMPLED = "unseen"
 
-
-class CloseEventsUnavailable(FastsockError, OSError):
-    """The kernel or the privileges do not allow subscribing to close events."""
-
-
-class CloseListener:
-    """Receive sock_diag close events on a reader thread until stopped.
-
-    The socket may come from :meth:`subscribe` or be opened by the caller, for
-    instance after entering another network namespace: a netlink socket
-    reports the namespace it was created in.
-    """
-
-    def __init__(self, sock: socket.socket, netns: int | None = None) -> None:
-        """Wrap sock; netns is the inode of its namespace, for the log only."""
-        self._socket = sock
-        self.netns = netns
-        self._dropped_at_stop: int | None = None
-        self._lock = threading.Lock()
-        self._pending: list = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, name="fastsock-close-events", daemon=True
-        )
-        self.received = 0
-        self.overruns = 0
-        self.read_errors = 0
-
-    @classmethod
-    def subscribe(
-        cls, receive_buffer: int = RECEIVE_BUFFER_BYTES, netns: int | None = None
-    ) -> "CloseListener":
-        """Open a socket bound to the destroy groups of this thread's namespace.
-
-        Raises CloseEventsUnavailable when the kernel has no sock_diag, or
-        rejects the subscription (EPERM where it requires CAP_NET_ADMIN).
-        """
-        try:
-            sock = open_diag_socket()
-        except OSError as error:
-            raise CloseEventsUnavailable(error.errno, str(error)) from error
-
-        try:
-            sock.bind((0, DESTROY_GROUP_MASK))
-        except OSError as error:
-            sock.close()
-            hint = "the kernel needs CONFIG_INET_DIAG for them"
-            if isinstance(error, PermissionError):
-                hint = (
-                    "this kernel allows it only with CAP_NET_ADMIN, so run fastsock "
-                    "as root or grant it with setcap cap_net_admin+ep"
-                )
-            raise CloseEventsUnavailable(
-                error.errno,
-                f"cannot subscribe to the sock_diag destroy groups "
-                f"({error.strerror}); {hint}",
-            ) from error
-
-        set_receive_buffer(sock, receive_buffer)
-        return cls(sock, netns)
-
-    def start(self) -> None:
-        self._thread.start()
-        log.info(
-            "listening for close events of network namespace %s on the sock_diag "
-            "destroy groups",
-            self.netns,
-        )
-
-    def stop(self) -> None:
-        """Stop the reader thread and close the socket."""
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
-        self._dropped_at_stop = self.dropped()
-        self._socket.close()
-        log.info(
-            "stopped listening for close events of network namespace %s: %d "
-            "received, %d overruns, %d read errors",
-            self.netns,
-            self.received,
-            self.overruns,
-            self.read_errors,
-        )
-
-    def take(self) -> pa.Table:
-        """Return the events received since the last call, oldest first.
-
-        The table has the columns of the netlink source plus ``time_us``, the
-        Unix time in microseconds at which the event was received.
-        """
-        with self._lock:
-            buffers, self._pending = self._pending, []
-
-        tables = []
-        for buffer in buffers:
-            columns = _netlink.to_columns(buffer)
-            table = columns_to_table(columns)
-            tables.append(table.append_column("time_us", pa.array(columns.time_us)))
-        if not tables:
-            empty = columns_to_table(_netlink.to_columns(_netlink.DiagBuffer()))
-            return empty.append_column("time_us", pa.array([], pa.int64()))
-        return pa.concat_tables(tables)
-
-    def dropped(self) -> int:
-        """Return how many events the kernel dropped for a full receive buffer."""
-        if self._dropped_at_stop is not None:
-            return self._dropped_at_stop
-        try:
-            raw = self._socket.getsockopt(
-                socket.SOL_SOCKET, SO_MEMINFO, struct.calcsize(MEMINFO_FORMAT)
-            )
-        except OSError:
-            # Closed socket, or a kernel without SO_MEMINFO (before 4.6).
-            return 0
-        return struct.unpack(MEMINFO_FORMAT, raw)[MEMINFO_DROPS]
-
-    def _run(self) -> None:
-        fd = self._socket.fileno()
-        buffer = _netlink.DiagBuffer()
-        deadline = None
-        while not self._stop.is_set():
-            # Wait no longer than the handover time of the events held.
-            timeout_ms = POLL_TIMEOUT_MS
-            if deadline is not None:
-                timeout_ms = max(1, int((deadline - time.monotonic()) * 1000))
-            overruns = buffer.overruns
-            try:
-                _netlink.read_events(buffer, fd, timeout_ms, MAX_DATAGRAMS_PER_READ)
-            except OSError as error:
-                self._report_read_error(error)
-                self._stop.wait(POLL_TIMEOUT_MS / 1000)
-                continue
-            if buffer.overruns != overruns:
-                with self._lock:
-                    self.overruns += buffer.overruns - overruns
-
-            if len(buffer) and deadline is None:
-                deadline = time.monotonic() + BATCH_SECONDS
-            if deadline is not None and (
-                len(buffer) >= BATCH_EVENTS or time.monotonic() >= deadline
-            ):
-                self._hand_over(buffer)
-                buffer = _netlink.DiagBuffer()
-                deadline = None
-        self._hand_over(buffer)
-
-    def _hand_over(self, buffer) -> None:
-        """Make the events of buffer available to take()."""
-        if not len(buffer):
-            return
-        with self._lock:
-            self._pending.append(buffer)
-            self.received += len(buffer)
-
-    def _report_read_error(self, error: OSError) -> None:
-        self.read_errors += 1
-        if self.read_errors <= MAX_LOGGED_READ_ERRORS:
-            log.error("reading close events failed, retrying: %s", error)
-        if self.read_errors == MAX_LOGGED_READ_ERRORS:
-            log.error("logged %d read errors, counting further ones silently",
-                      self.read_errors)
-
-
-def set_receive_buffer(sock: socket.socket, size: int) -> None:
-    """Ask for a receive buffer of size bytes, past rmem_max when privileged."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, size)
-        return
-    except PermissionError:
-        pass
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
-    granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
-    log.warning(
-        "the close-event receive buffer is %d bytes, not %d: SO_RCVBUFFORCE needs "
-        "CAP_NET_ADMIN, and net.core.rmem_max caps SO_RCVBUF. Bursts of closes "
-        "may overrun it; overruns are counted in collector_stats",
-        granted,
-        size * 2,
-    )
-
-
-def open_close_listener(netns: int | None = None) -> CloseListener | None:
-    """Start a CloseListener, or log once why close events are off and return None.
-
-    The listener receives the events of the namespace this process runs in,
-    whose inode netns is.
-    """
-    try:
-        listener = CloseListener.subscribe(netns=netns)
-    except CloseEventsUnavailable as error:
-        log.warning(
-            "close events are off, so sockets that open and close between two "
-            "samples are missed; polling goes on: %s",
-            error,
-        )
-        return None
-    listener.start()
-    return listener
-
-
-# CLONE_NEWNET of linux/sched.h, the namespace type that setns(2) checks.
-CLONE_NEWNET = 0x40000000
-
-
-class NamespaceMoved(FastsockError, LookupError):
-    """The process that showed a network namespace exited or left it."""
-
-
-def enter_network_namespace(fd: int) -> None:
-    """Move the calling thread into the network namespace that fd refers to.
-
-    Raises OSError from setns(2): EPERM without CAP_SYS_ADMIN.
-    """
-    if hasattr(os, "setns"):
-        # Python 3.12 and later.
-        os.setns(fd, CLONE_NEWNET)
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.setns(fd, CLONE_NEWNET) != 0:
-        errno = ctypes.get_errno()
-        raise OSError(errno, f"setns(CLONE_NEWNET) failed: {os.strerror(errno)}")
-
-
-def subscribe_in_namespace(
-    proc_root: str, namespace: Namespace, receive_buffer: int = RECEIVE_BUFFER_BYTES
-) -> CloseListener:
-    """Subscribe to the close events of a namespace that a process of it shows.
-
-    A netlink socket reports the namespace it was created in, so a thread made
-    for this enters the namespace with setns(2), subscribes and exits. setns
-    moves only the calling thread, and the thread ends there, so the other
-    threads stay in their namespace. Raises NamespaceMoved when namespace.pid
-    exited or runs in another namespace by now, and CloseEventsUnavailable
-    when entering the namespace or subscribing fails.
-    """
-    path = f"{proc_root}/{namespace.pid}/ns/net"
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except (FileNotFoundError, ProcessLookupError) as error:
-        raise NamespaceMoved(f"{path} is gone: {error}") from error
-    except OSError as error:
-        raise CloseEventsUnavailable(
-            error.errno, f"cannot open {path} ({error.strerror}); run fastsock as root"
-        ) from error
-
-    try:
-        found = os.fstat(fd).st_ino
-        if found != namespace.inode:
-            raise NamespaceMoved(
-                f"{path} is network namespace {found} now, not {namespace.inode}"
-            )
-        outcome: dict = {}
-        thread = threading.Thread(
-            target=_subscribe_in,
-            args=(fd, namespace.inode, receive_buffer, outcome),
-            name=f"fastsock-subscribe-{namespace.inode}",
-        )
-        thread.start()
-        thread.join()
-    finally:
-        os.close(fd)
-
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["listener"]
-
-
-def _subscribe_in(fd: int, inode: int, receive_buffer: int, outcome: dict) -> None:
-    """Enter the namespace of fd and subscribe there; the caller's thread body."""
-    try:
-        enter_network_namespace(fd)
-    except OSError as error:
-        outcome["error"] = CloseEventsUnavailable(
-            error.errno,
-            f"cannot enter network namespace {inode} ({error.strerror}); setns "
-            "needs CAP_SYS_ADMIN, so run fastsock as root",
-        )
-        return
-    try:
-        outcome["listener"] = CloseListener.subscribe(receive_buffer, inode)
-    except CloseEventsUnavailable as error:
-        outcome["error"] = error
+# Values of the `detected_by` column for records made from close events. The
+# second is for an aborted connection, whose event lacks what tcp_disconnect()
+# cleared.
+DETECTED_BY_CLOSE_EVENT = "close_event"
+DETECTED_BY_ABORT = "close_event_abort"
 
 
 def string_buffers(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
@@ -490,8 +182,11 @@ class CloseRecorder:
     An event is matched by cookie when match_by_cookie (the netlink source
     stores cookies), else by protocol and four-tuple, first to the sockets
     that sampling tracks as open and then to those it closed in the last
-    RECENT_SECONDS. An event for a socket without a peer (a listener, an
-    unconnected UDP socket) that matches nothing is only counted.
+    RECENT_SECONDS. Without cookies, an event whose remote port
+    tcp_disconnect() cleared is matched by the rest of its four-tuple (see
+    _close_by_endpoints). An event for a socket without a peer (a listener,
+    an unconnected UDP socket, a failed connect) that matches nothing is only
+    counted.
     """
 
     def __init__(
@@ -511,25 +206,36 @@ class CloseRecorder:
         self._last_remembered: pa.Table | None = None
         self._pending: list[pa.Table] = []
         self._reported_losses = (0, 0)
+        # Events of _close_by_endpoints that wait for the next sample.
+        self._waiting: pa.Table | None = None
+        # The tracker's opened_in_last_observe at the last process(), and the
+        # start times of the samples of the last RECENT_SECONDS and the one
+        # before, in Unix microseconds, oldest first.
+        self._last_opened: np.ndarray | None = None
+        self._sample_starts = np.zeros(1, dtype=np.int64)
 
     def process(self, tracker: LifetimeTracker, now_us: int) -> int:
         """Fold the events received so far into tracker and pending records.
 
-        Call it after each tracker.observe, and before each drain so that no
-        received event waits for the next sample. A socket that no sample
-        showed is linked to the only process listening on its port among
-        the tracker's open rows. Returns how many TCP connections the events
-        added that no sample showed.
+        Call it after each tracker.observe with the time the sample began,
+        and before each drain. A received event waits for a later call only
+        when _close_by_endpoints needs the next sample to match it. A socket
+        that no sample showed is linked to the only process listening on its
+        port among the tracker's open rows. Returns how many TCP connections
+        the events added that no sample showed.
         """
+        self._note_sample(tracker, now_us)
         self._remember_closed(tracker, now_us)
         events = self.listener.take()
         self._report_losses()
-        if events.num_rows == 0:
-            return 0
         self.counts["events"] += events.num_rows
+        if events.num_rows == 0 and self._waiting is None:
+            return 0
 
         unmatched = self._close_open(events, tracker)
         unmatched = self._close_recent(unmatched)
+        if not self.match_by_cookie:
+            unmatched = self._close_by_endpoints(unmatched, tracker)
         return self._record_unseen(unmatched, tracker)
 
     def waiting(self) -> int:
@@ -545,6 +251,36 @@ class CloseRecorder:
 
     def stop(self) -> None:
         self.listener.stop()
+        log.debug(
+            "close events of network namespace %s: %s", self.netns, dict(self.counts)
+        )
+        if self._waiting is not None:
+            log.info(
+                "%d close events of network namespace %s with a cleared remote port "
+                "were still waiting for a sample, so they are not recorded",
+                self._waiting.num_rows,
+                self.netns,
+            )
+            self._waiting = None
+
+    def _note_sample(self, tracker: LifetimeTracker, now_us: int) -> None:
+        """Keep now_us as a sample's start if a sample came since the last call.
+
+        observe() assigns a new opened_in_last_observe array at every sample,
+        while the call before a flush follows no sample.
+        """
+        opened = tracker.opened_in_last_observe
+        if opened is self._last_opened:
+            return
+        self._last_opened = opened
+        _keys, rows, _is_open = tracker.all_rows()
+        if rows is None:
+            return
+        # Keep one start before the horizon too, because the window of an
+        # event begins at the last sample that started before it.
+        horizon = now_us - int(RECENT_SECONDS * 1_000_000)
+        first = max(0, int(np.searchsorted(self._sample_starts, horizon)) - 1)
+        self._sample_starts = np.append(self._sample_starts[first:], now_us)
 
     def _match_keys(self, table: pa.Table) -> np.ndarray:
         """Return the key of each row: its cookie, or its four-tuple in self.netns.
@@ -572,22 +308,27 @@ class CloseRecorder:
         return rows if own is True else rows.filter(pa.array(own))
 
     def _remember_closed(self, tracker: LifetimeTracker, now_us: int) -> None:
+        """Keep the rows that the latest sample closed, stamped with its start time."""
         closed = tracker.closed_in_last_observe
         if closed is not None and closed is not self._last_remembered:
-            self._recent.append(self._own_rows(closed))
+            closed_at = pa.repeat(pa.scalar(now_us, pa.int64()), closed.num_rows)
+            closed_at = closed.append_column("closed_at_us", closed_at)
+            self._recent.append(self._own_rows(closed_at))
             self._last_remembered = closed
         if not self._recent:
             return
 
         # Expire row by row: a part that _close_recent merged spans samples.
+        # The close, not the last sight, starts the time, so that rows stay
+        # matchable when samples are more than RECENT_SECONDS apart.
         horizon = now_us - int(RECENT_SECONDS * 1_000_000)
         recent = pa.concat_tables(self._recent, promote_options="default")
-        keep = recent.column("last_seen_us").to_numpy() >= horizon
+        keep = recent.column("closed_at_us").to_numpy() >= horizon
         self._recent = [recent.filter(pa.array(keep))] if keep.any() else []
 
     def _close_open(self, events: pa.Table, tracker: LifetimeTracker) -> pa.Table:
         keys, rows, is_open = tracker.all_rows()
-        if rows is None or rows.num_rows == 0:
+        if events.num_rows == 0 or rows is None or rows.num_rows == 0:
             return events
 
         index = KeyIndex(self._match_keys(rows), left_out=~is_open)
@@ -602,11 +343,7 @@ class CloseRecorder:
             matched = np.sort(matched[first])
         if len(matched):
             picked = events.take(pa.array(matched, pa.int64()))
-            tracker.close_keys(
-                keys[row_of_event[matched]],
-                picked.column("time_us").to_numpy(),
-                final_values(picked, rows.schema),
-            )
+            close_tracked(tracker, keys[row_of_event[matched]], picked, rows.schema)
             self.counts["matched_open"] += len(matched)
         return events.filter(pa.array(row_of_event < 0))
 
@@ -618,27 +355,149 @@ class CloseRecorder:
         matched = np.flatnonzero(row_of_event >= 0)
         if len(matched):
             picked = events.take(pa.array(matched, pa.int64()))
-            records = recent.take(pa.array(row_of_event[matched], pa.int64()))
-            records = replace_columns(
-                records,
-                {
-                    "last_seen_us": picked.column("time_us"),
-                    **final_values(picked, records.schema),
-                },
-            )
-            self._pending.append(records)
+            self._close_recent_rows(picked, recent, row_of_event[matched])
             self.counts["matched_closed"] += len(matched)
-
-            # An event matches a record once.
-            keep = np.ones(recent.num_rows, dtype=bool)
-            keep[row_of_event[matched]] = False
-            self._recent = [recent.filter(pa.array(keep))]
         return events.filter(pa.array(row_of_event < 0))
+
+    def _close_recent_rows(
+        self, events: pa.Table, recent: pa.Table, rows: np.ndarray
+    ) -> None:
+        """Record the close of recent's rows at rows, one per event, and forget them."""
+        records = recent.take(pa.array(rows, pa.int64()))
+        records = records.drop_columns(["closed_at_us"])
+        values = {
+            "last_seen_us": events.column("time_us"),
+            **final_values(events, records.schema),
+            **sampled_counters_where_reset(events, records),
+        }
+        self._pending.append(replace_columns(records, values))
+
+        # An event matches a record once.
+        keep = np.ones(recent.num_rows, dtype=bool)
+        keep[rows] = False
+        self._recent = [recent.filter(pa.array(keep))]
+
+    def _close_by_endpoints(
+        self, events: pa.Table, tracker: LifetimeTracker
+    ) -> pa.Table:
+        """Match events whose remote port tcp_disconnect() cleared, without cookies.
+
+        What is left to match is the local port, the remote address, and the
+        local address of a socket bound to one. While an open row has those
+        endpoints, its socket may be the event's, so the event waits for the
+        first sample that starts after it. Then the event's socket, if
+        sampled, is a row that the last sample started before the event, or
+        the one after, found closed. Returns the events left for
+        _record_unseen.
+        """
+        partial = disconnected(events) & has_address(events, "remote_addr")
+        parts = [events.filter(pa.array(partial))]
+        if self._waiting is not None:
+            parts.insert(0, self._waiting)
+            self._waiting = None
+        todo = pa.concat_tables(parts)
+        rest = events.filter(pa.array(~partial))
+        if todo.num_rows == 0:
+            return rest
+
+        with_local = has_address(todo, "local_addr")
+        event_keys = endpoint_keys(todo, with_local)
+        times = todo.column("time_us").to_numpy()
+        ports = todo.column("local_port").to_numpy()
+        open_count = self._count_open_endpoints(tracker, event_keys, with_local, ports)
+        recent = (
+            pa.concat_tables(self._recent, promote_options="default")
+            if self._recent
+            else None
+        )
+        wait = (open_count > 0) & (times >= self._sample_starts[-1])
+        candidates = self._find_recent_endpoints(recent, event_keys, with_local, times)
+        recent_row = assign_rows(candidates, times, ~wait)
+        single = recent_row >= 0
+        ambiguous = recent_row == AMBIGUOUS
+
+        if single.any():
+            self._close_recent_rows(
+                todo.filter(pa.array(single)), recent, recent_row[single]
+            )
+            self.counts["matched_endpoints"] += int(single.sum())
+        if wait.any():
+            self._waiting = todo.filter(pa.array(wait))
+        self.counts["ambiguous_endpoints"] += int(ambiguous.sum())
+        unmatched = todo.filter(pa.array(~(wait | single | ambiguous)))
+        return pa.concat_tables([rest, unmatched])
+
+    def _count_open_endpoints(
+        self,
+        tracker: LifetimeTracker,
+        event_keys: np.ndarray,
+        with_local: np.ndarray,
+        ports: np.ndarray,
+    ) -> np.ndarray:
+        """Return, per endpoint key of an event, how many open connections have it.
+
+        ports are the events' local ports. Only rows on them are hashed.
+        """
+        _keys, rows, is_open = tracker.all_rows()
+        counts = np.zeros(len(event_keys), dtype=np.int64)
+        if rows is None:
+            return counts
+        on_ports = np.isin(rows.column("local_port").to_numpy(), ports)
+        rows = rows.filter(pa.array(is_open & self._own_row_mask(rows) & on_ports))
+        rows = tcp_connections(rows)
+        for local in (True, False):
+            keys = np.sort(endpoint_keys(rows, np.full(rows.num_rows, local)))
+            chosen = with_local == local
+            left = np.searchsorted(keys, event_keys[chosen], "left")
+            counts[chosen] = np.searchsorted(keys, event_keys[chosen], "right") - left
+        return counts
+
+    def _find_recent_endpoints(
+        self,
+        recent: pa.Table | None,
+        event_keys: np.ndarray,
+        with_local: np.ndarray,
+        times: np.ndarray,
+    ) -> list[np.ndarray]:
+        """Return, per endpoint key of an event, the recent rows the event can close.
+
+        Such a row was last seen before the event's time, and found closed by
+        the last sample that started before that time or by a later one.
+        """
+        found = [NO_ROWS] * len(event_keys)
+        if recent is None:
+            return found
+        connection_rows = np.flatnonzero(is_tcp_connection(recent))
+        if len(connection_rows) == 0:
+            return found
+
+        candidates = recent.take(pa.array(connection_rows, pa.int64()))
+        last_seen = candidates.column("last_seen_us").to_numpy()
+        closed_at = candidates.column("closed_at_us").to_numpy()
+        starts = self._sample_starts
+        before = np.searchsorted(starts, times, "right") - 1
+        window_starts = np.where(before >= 0, starts[np.maximum(before, 0)], 0)
+        for local in (True, False):
+            keys = endpoint_keys(candidates, np.full(candidates.num_rows, local))
+            chosen = np.flatnonzero(with_local == local)
+            rows = rows_in_window(
+                keys,
+                last_seen,
+                closed_at,
+                event_keys[chosen],
+                times[chosen],
+                window_starts[chosen],
+            )
+            for position, fitting in zip(chosen.tolist(), rows):
+                found[position] = connection_rows[fitting]
+        return found
 
     def _record_unseen(self, events: pa.Table, tracker: LifetimeTracker) -> int:
         connected = events.column("remote_port").to_numpy() != 0
-        self.counts["unconnected"] += int((~connected).sum())
-        events = events.filter(pa.array(connected))
+        aborted = aborted_connections(events)
+        recorded = connected | aborted
+        self.counts["unconnected"] += int((~recorded).sum())
+        events = events.filter(pa.array(recorded))
         if events.num_rows == 0:
             return 0
 
@@ -650,11 +509,12 @@ class CloseRecorder:
         owner_row = owners.find(events)
         linked = owner_row >= 0
         self.counts["unseen"] += events.num_rows
+        self.counts["aborted_unseen"] += int(aborted.sum())
         self.counts["linked_to_listener"] += int(linked.sum())
 
         events = events.append_column(
-            pa.field("netns", pa.int64()), pa.repeat(pa.scalar(self.netns, pa.int64()),
-                                                     events.num_rows)
+            pa.field("netns", pa.int64()),
+            pa.repeat(pa.scalar(self.netns, pa.int64()), events.num_rows),
         )
         records = unseen_records(events, rows.schema, owners.rows, owner_row)
         self._pending.append(records)
@@ -785,13 +645,39 @@ class NamespaceCloses:
         self._leaving = []
 
 
-def final_values(events: pa.Table, schema: pa.Schema) -> dict[str, pa.Array]:
-    """Return the cookie and counters of events, for the columns schema has."""
+def final_values(
+    events: pa.Table, schema: pa.Schema, with_counters: bool = True
+) -> dict[str, pa.Array]:
+    """Return the cookie and counters of events, for the columns schema has.
+
+    Without with_counters, only the cookie.
+    """
+    names = DIAG_COLUMNS if with_counters else ("cookie",)
     return {
         name: events.column(name).combine_chunks()
-        for name in DIAG_COLUMNS
+        for name in names
         if name in schema.names
     }
+
+
+def close_tracked(
+    tracker: LifetimeTracker, keys: np.ndarray, events: pa.Table, schema: pa.Schema
+) -> None:
+    """Close the open sockets of keys, one event each, at the events' times.
+
+    A socket whose event has the counters that tcp_disconnect() reset keeps
+    those of its last sample.
+    """
+    reset = disconnected(events)
+    for chosen, with_counters in ((~reset, True), (reset, False)):
+        if not chosen.any():
+            continue
+        part = events.filter(pa.array(chosen))
+        tracker.close_keys(
+            keys[chosen],
+            part.column("time_us").to_numpy(),
+            final_values(part, schema, with_counters),
+        )
 
 
 def replace_columns(table: pa.Table, values: dict) -> pa.Table:
@@ -802,6 +688,35 @@ def replace_columns(table: pa.Table, values: dict) -> pa.Table:
     return table
 
 
+def is_tcp_connection(table: pa.Table) -> np.ndarray:
+    return is_tcp(table) & (table.column("remote_port").to_numpy() != 0)
+
+
+def tcp_connections(table: pa.Table) -> pa.Table:
+    return table.filter(pa.array(is_tcp_connection(table)))
+
+
+def endpoint_keys(table: pa.Table, with_local: np.ndarray) -> np.ndarray:
+    """Return a key per row of what tcp_disconnect() leaves of the four-tuple.
+
+    That is the protocol, the local port and the remote address, and the
+    local address of the rows where with_local is True.
+    """
+    local = pc.if_else(
+        pa.array(with_local), table.column("local_addr").combine_chunks(), ""
+    )
+    partial = pa.table(
+        {
+            "protocol": table.column("protocol"),
+            "local_addr": local,
+            "local_port": table.column("local_port"),
+            "remote_addr": table.column("remote_addr"),
+            "remote_port": pa.array(np.zeros(table.num_rows, dtype=np.int32)),
+        }
+    )
+    return four_tuple_keys(partial)
+
+
 def unseen_records(
     events: pa.Table, template: pa.Schema, owners: pa.Table, owner_row: np.ndarray
 ) -> pa.Table:
@@ -809,13 +724,16 @@ def unseen_records(
 
     The process columns come from the listener in owner_row, or are NULL
     where it is -1. The inode is NULL because the kernel reports 0 at close.
+    An aborted connection has NULL where tcp_disconnect() cleared a value
+    (see clear_reset_values) and its own detected_by.
     """
+    events = events.combine_chunks()
     rows = events.num_rows
     linked = owner_row >= 0
     take_owner = pa.array(np.where(linked, owner_row, 0), mask=~linked)
     time_us = events.column("time_us")
 
-    arrays, fields = [], []
+    columns = {}
     for field in template:
         if field.name in OWNER_COLUMNS and field.name in owners.column_names:
             column = owners.column(field.name).take(take_owner)
@@ -825,21 +743,23 @@ def unseen_records(
             column = events.column(field.name)
         else:
             column = pa.nulls(rows, field.type)
-        arrays.append(column.cast(field.type))
-        fields.append(field)
+        columns[field.name] = column.cast(field.type)
+    aborted = aborted_connections(events)
+    columns = clear_reset_values(columns, aborted)
 
     key = four_tuple_keys(events) ^ events.column("cookie").fill_null(0).to_numpy()
     attribution = np.where(linked, ATTRIBUTED_BY_LISTENER, NEVER_SAMPLED)
+    detected_by = np.where(aborted, DETECTED_BY_ABORT, DETECTED_BY_CLOSE_EVENT)
     extra = {
         "key": pa.array(key, pa.int64()),
         "state_code_last": events.column("state_code"),
         "first_seen_us": time_us,
         "last_seen_us": time_us,
         "closed": pa.array(np.ones(rows, dtype=bool)),
-        "detected_by": pa.repeat(pa.scalar("close_event"), rows),
+        "detected_by": pa.array(detected_by, pa.string()),
         "attribution": pa.array(attribution, pa.string()),
     }
-    table = pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+    table = pa.Table.from_arrays(list(columns.values()), schema=template)
     for name, column in extra.items():
         table = table.append_column(name, column)
     return table
