@@ -148,3 +148,35 @@ def test_take_rows_copies_many_runs():
 
     assert taken.column("n").to_pylist() == every_other.tolist()
     assert taken.column("n").num_chunks == 1
+
+
+def test_restart_keeps_flows_and_time_wait(tmp_path):
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    # Two runs within one bucket, as after a restart. Each client closes
+    # first, so its side stays in TIME_WAIT for the second run to see.
+    for closes in (3, 2):
+        collector = Collector(
+            Snapshotter(),
+            ParquetStore(tmp_path),
+            bucket_seconds=3600,
+            auto_compact=False,
+        )
+        for _ in range(closes):
+            sampled_connection(collector, listener)
+        assert collector.flush()
+    listener.close()
+
+    inbound = run_query(
+        tmp_path,
+        "SELECT sum(opened) AS opened FROM flows "
+        f"WHERE direction = 'inbound' AND local_port = {port}",
+    )
+    detected = run_query(
+        tmp_path,
+        "SELECT count(*) AS n FROM connections "
+        f"WHERE detected_by = 'time_wait' AND remote_port = {port}",
+    )
+    assert inbound.column("opened").to_pylist() == [5]
+    assert detected.column("n").to_pylist() == [0]

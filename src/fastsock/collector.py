@@ -5,7 +5,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Callable
 
 import numpy as np
@@ -28,6 +28,7 @@ from fastsock.records import (
 from fastsock.snapshot import OWNER_COLUMNS, SnapshotStats, Snapshotter, join_owners
 from fastsock.stats import NamespaceMeters, tcp_connections_by_netns
 from fastsock.store import ParquetStore
+from fastsock.timewait import FOUR_TUPLE
 from fastsock.writer import BackgroundWriter, WriteResult, write_tables
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,11 @@ DEFAULT_FLUSH_INTERVAL = 10.0
 # thousands of connections per second a 10 s flush interval would otherwise
 # hold hundreds of thousands of them.
 FLUSH_AT_RECORDS = 100_000
+
+# Seconds back from the start that the stored connections are read, so that
+# their closing rows are not recorded again. A TIME_WAIT row lasts 60 s on
+# Linux, FIN_WAIT2 up to tcp_fin_timeout (60 s by default) before it.
+STORED_CLOSES_SECONDS = 180
 
 # Seconds that a thread may hold the GIL while another waits for it, during
 # run() (see sys.setswitchinterval).
@@ -115,6 +121,7 @@ class Collector:
         self.snapshotter = snapshotter
         self.store = store
         self.dependencies = DependencyModel(snapshotter, bucket_seconds)
+        self._forget_stored_connections()
         self.sockets = LifetimeTracker()
         self.processes = LifetimeTracker()
         self.status = CollectorStatus()
@@ -140,6 +147,16 @@ class Collector:
         self.auto_compact = auto_compact
         # UTC hour of the last successful flush; None before the first one.
         self.flush_hour: datetime | None = None
+
+    def _forget_stored_connections(self) -> None:
+        """Make TIME_WAIT detection skip the connections that an earlier run stored."""
+        since = datetime.now(timezone.utc) - timedelta(seconds=STORED_CLOSES_SECONDS)
+        stored = self.store.read_recent(
+            "connections", FOUR_TUPLE, since, self.snapshotter.host
+        )
+        if stored.num_rows:
+            log.debug("%d connections stored since %s", stored.num_rows, since)
+            self.dependencies.time_wait.forget_stored(stored)
 
     def sample(self) -> None:
         """Take one snapshot and fold it into the lifetimes (see _sample).

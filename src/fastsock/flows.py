@@ -10,14 +10,17 @@ ephemeral is not known.
 Buckets start at multiples of the bucket width after the Unix epoch. A bucket's
 flows are computed from the lifetimes of the connections that were open during
 it, and rewritten at every flush while new samples change them. Each record is
-keyed by flow_id (host, bucket and edge), so the latest record of a key is the
-current one.
+keyed by flow_id (host, bucket, edge and collector run), so the latest record
+of a key is the current one. A collector restarted within a bucket writes
+records of its own for it, so the bucket's counts are the sums over runs.
 
 NOTE: a connection whose direction changes after its flow was written (a
 listener sampled after the connection) moves to another edge. The record of the
 edge it left is rewritten only while that edge has other connections in the
 bucket, so a stale record with the old count can remain.
 """
+
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -85,7 +88,9 @@ def _service_keys_of_distinct(exe, cmdline, comm) -> pa.DictionaryArray:
     """
     columns = [_combined(column) for column in (exe, cmdline, comm)]
     codes = [
-        pc.dictionary_encode(column).indices.fill_null(-1).to_numpy(zero_copy_only=False)
+        pc.dictionary_encode(column)
+        .indices.fill_null(-1)
+        .to_numpy(zero_copy_only=False)
         for column in columns
     ]
     _, first, inverse = np.unique(
@@ -147,8 +152,18 @@ class FlowAggregator:
     the one before it, which a late direction fix can still rewrite.
     """
 
-    def __init__(self, bucket_seconds: int = DEFAULT_BUCKET_SECONDS) -> None:
+    def __init__(
+        self, bucket_seconds: int = DEFAULT_BUCKET_SECONDS, run_id: int | None = None
+    ) -> None:
+        """Set up a run's aggregation; run_id is mixed into every flow_id.
+
+        A collector that restarts within a bucket knows only the connections
+        of its own run, so its records of the bucket must not replace those
+        of the run before. run_id defaults to the time of this call in
+        microseconds.
+        """
         self.bucket_us = validate_bucket_seconds(bucket_seconds) * 1_000_000
+        self.run_id = time.time_ns() // 1000 if run_id is None else run_id
         self._text_ids = TextIds()
         # Numbers only: conn_id, edge_id, first_us, last_us, live, closed.
         self._intervals: pa.Table | None = None
@@ -224,8 +239,12 @@ class FlowAggregator:
             return
         new = pa.table(edges).take(pa.array(np.sort(first), pa.int64()))
         # Edges of all flushes go into one table: keep text as plain strings.
-        new = pa.table({name: _plain(_combined(new.column(name))) for name in new.column_names})
-        new = new.append_column("edge_id", pa.array(edge_id[np.sort(first)], pa.int64()))
+        new = pa.table(
+            {name: _plain(_combined(new.column(name))) for name in new.column_names}
+        )
+        new = new.append_column(
+            "edge_id", pa.array(edge_id[np.sort(first)], pa.int64())
+        )
         if self._edges is None:
             self._edges = new.combine_chunks()
         else:
@@ -339,7 +358,10 @@ class FlowAggregator:
 
     def _flow_table(self, edges, pairs, bucket_start, opened, concurrent, first, last):
         flow_id = combine(
-            pairs[:, 1], bucket_start, np.full(len(pairs), self.bucket_us)
+            pairs[:, 1],
+            bucket_start,
+            np.full(len(pairs), self.bucket_us),
+            np.full(len(pairs), self.run_id),
         )
         columns = {
             "flow_id": pa.array(flow_id, pa.int64()),

@@ -21,7 +21,7 @@ import os
 import re
 import threading
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pyarrow as pa
@@ -173,6 +173,29 @@ class ParquetStore:
 
         return written
 
+    def read_recent(
+        self, table_name: str, columns: list[str], since: datetime, host: str
+    ) -> pa.Table:
+        """Return columns of host's rows of table_name with last_seen at or after since.
+
+        Reads only the hourly partitions from since's hour to the current one.
+        A file that cannot be read is skipped with a warning: these rows are a
+        hint, and the files themselves are left alone.
+        """
+        schema = _schema_of(table_name)
+        wanted = pa.schema([schema.field(name) for name in columns])
+        parts = [wanted.empty_table()]
+        hour = since.astimezone(timezone.utc).replace(minute=0, second=0, microsecond=0)
+        now = datetime.now(timezone.utc)
+        while hour <= now:
+            directory = (
+                self.data_dir / table_name / f"date={hour:%Y-%m-%d}/hour={hour:%H}"
+            )
+            for path in sorted(directory.glob(f"*{PART_SUFFIX}")):
+                parts.append(_recent_rows(path, wanted, since, host))
+            hour += timedelta(hours=1)
+        return pa.concat_tables(parts)
+
     def remove_stale_temp_files(self) -> int:
         """Delete temporary files left by writers that were killed mid-write.
 
@@ -257,6 +280,20 @@ def write_part(directory: Path, rows: pa.Table) -> Path:
     StoreError carrying the errno and the path when the file cannot be written.
     """
     return _write_part(directory, rows)
+
+
+def _recent_rows(path: Path, wanted: pa.Schema, since: datetime, host: str) -> pa.Table:
+    """Return the wanted columns of the rows of one file from host since since."""
+    try:
+        rows = pq.read_table(
+            path,
+            columns=list(dict.fromkeys([*wanted.names, "host", "last_seen"])),
+            filters=[("host", "=", host), ("last_seen", ">=", since)],
+        )
+    except (pa.ArrowException, OSError) as error:
+        logger.warning("skipping %s, which cannot be read: %s", path, error)
+        return wanted.empty_table()
+    return rows.select(wanted.names).cast(wanted)
 
 
 def _schema_of(table_name: str) -> pa.Schema:

@@ -141,6 +141,20 @@ class ClosedConnectionDetector:
         self._recently_live = _tuples(live)
         return detected
 
+    def forget_stored(self, stored: pa.Table) -> None:
+        """Drop later detections of stored connections, given their FOUR_TUPLE columns.
+
+        A restarted collector finds the closing rows of the connections that
+        its previous run recorded, and would record them again. Pass the
+        connections stored since the oldest such row could have closed.
+        """
+        tuples = _tuples(stored)
+        if tuples is None:
+            return
+        if self._recently_live is not None:
+            tuples = pa.concat_tables([self._recently_live, tuples])
+        self._recently_live = tuples
+
     def restore(self, detected: pa.Table) -> None:
         """Put back detections that a failed flush could not store."""
         if detected.num_rows:
