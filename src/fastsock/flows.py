@@ -157,7 +157,7 @@ class FlowAggregator:
     ) -> None:
         """Set up a run's aggregation; run_id is mixed into every flow_id.
 
-        A collector that restarts within a bucket knows only the connections
+        A collector that restarts within a bucket has seen only the connections
         of its own run, so its records of the bucket must not replace those
         of the run before. run_id defaults to the time of this call in
         microseconds.

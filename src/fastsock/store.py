@@ -183,8 +183,8 @@ class ParquetStore:
         hint, and the files themselves are left alone.
         """
         schema = _schema_of(table_name)
-        wanted = pa.schema([schema.field(name) for name in columns])
-        parts = [wanted.empty_table()]
+        selected = pa.schema([schema.field(name) for name in columns])
+        parts = [selected.empty_table()]
         hour = since.astimezone(timezone.utc).replace(minute=0, second=0, microsecond=0)
         now = datetime.now(timezone.utc)
         while hour <= now:
@@ -192,7 +192,7 @@ class ParquetStore:
                 self.data_dir / table_name / f"date={hour:%Y-%m-%d}/hour={hour:%H}"
             )
             for path in sorted(directory.glob(f"*{PART_SUFFIX}")):
-                parts.append(_recent_rows(path, wanted, since, host))
+                parts.append(_recent_rows(path, selected, since, host))
             hour += timedelta(hours=1)
         return pa.concat_tables(parts)
 
@@ -282,18 +282,20 @@ def write_part(directory: Path, rows: pa.Table) -> Path:
     return _write_part(directory, rows)
 
 
-def _recent_rows(path: Path, wanted: pa.Schema, since: datetime, host: str) -> pa.Table:
-    """Return the wanted columns of the rows of one file from host since since."""
+def _recent_rows(
+    path: Path, selected: pa.Schema, since: datetime, host: str
+) -> pa.Table:
+    """Return the selected columns of the rows of one file from host since since."""
     try:
         rows = pq.read_table(
             path,
-            columns=list(dict.fromkeys([*wanted.names, "host", "last_seen"])),
+            columns=list(dict.fromkeys([*selected.names, "host", "last_seen"])),
             filters=[("host", "=", host), ("last_seen", ">=", since)],
         )
     except (pa.ArrowException, OSError) as error:
         logger.warning("skipping %s, which cannot be read: %s", path, error)
-        return wanted.empty_table()
-    return rows.select(wanted.names).cast(wanted)
+        return selected.empty_table()
+    return rows.select(selected.names).cast(selected)
 
 
 def _schema_of(table_name: str) -> pa.Schema:
