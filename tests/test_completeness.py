@@ -5,11 +5,14 @@ import os
 import shutil
 import subprocess
 import sys
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
 from fastsock.stats import miss_rate, parse_tcp_opens
+from fastsock.store import ParquetStore
 from harness import query_json, run_fastsock
+from test_store import make_table
 
 SNMP_TEXT = """\
 Ip: Forwarding DefaultTTL InReceives
@@ -105,10 +108,23 @@ def collect_while_connecting(netns, data_dir, count, *options, refused=0) -> Non
     """
     in_netns = ["ip", "netns", "exec", netns]
     collector = subprocess.Popen(
-        [*in_netns, sys.executable, "-m", "fastsock", "--log-level", "info",
-         "collect", "--quiet",
-         "--interval", "1", "--duration", "2.5", "--data-dir", str(data_dir),
-         *options],
+        [
+            *in_netns,
+            sys.executable,
+            "-m",
+            "fastsock",
+            "--log-level",
+            "info",
+            "collect",
+            "--quiet",
+            "--interval",
+            "1",
+            "--duration",
+            "2.5",
+            "--data-dir",
+            str(data_dir),
+            *options,
+        ],
         stderr=subprocess.PIPE,
         text=True,
     )
@@ -120,9 +136,17 @@ def collect_while_connecting(netns, data_dir, count, *options, refused=0) -> Non
         if "first sample:" in line:
             break
     subprocess.run(
-        [*in_netns, sys.executable, "-c", OPEN_CONNECTIONS, str(count), "0.005",
-         str(refused)],
-        check=True, timeout=60,
+        [
+            *in_netns,
+            sys.executable,
+            "-c",
+            OPEN_CONNECTIONS,
+            str(count),
+            "0.005",
+            str(refused),
+        ],
+        check=True,
+        timeout=60,
     )
     _, rest = collector.communicate(timeout=60)
     assert collector.returncode == 0, "".join(seen) + rest
@@ -164,3 +188,35 @@ def test_meter_reports_misses_of_polling(netns, tmp_path):
     assert row["passive"] == 20
     assert row["recorded"] < 40
     assert row["worst"] > 0.2
+
+
+def test_status_shows_last_period_with_samples(tmp_path):
+    start = datetime(2026, 1, 5, 10, 0, tzinfo=timezone.utc)
+    rows = [
+        # A period with samples, then the final flush of a stopped collector.
+        {
+            "host": "box",
+            "stats_id": 1,
+            "source": "proc",
+            "close_events": False,
+            "period_start": start,
+            "last_seen": start + timedelta(seconds=10),
+            "samples": 50,
+            "sample_ms_median": 4.0,
+        },
+        {
+            "host": "box",
+            "stats_id": 2,
+            "source": "proc",
+            "close_events": False,
+            "period_start": start + timedelta(seconds=10),
+            "last_seen": start + timedelta(seconds=11),
+            "samples": 0,
+        },
+    ]
+    ParquetStore(tmp_path).write("collector_stats", make_table("collector_stats", rows))
+
+    status = run_fastsock("status", "--data-dir", str(tmp_path)).stdout
+
+    assert "samples        50, median 4.0 ms" in status
+    assert "10:00:00 to 10:00:10 UTC" in status

@@ -429,7 +429,11 @@ SELECT s.host, s.netns, s.source, s.close_events,
        t.all_overruns, t.all_dropped
 FROM collector_stats s
 JOIN totals t ON s.host = t.host AND s.netns IS NOT DISTINCT FROM t.netns
-QUALIFY row_number() OVER (PARTITION BY s.host, s.netns ORDER BY s.last_seen DESC) = 1
+-- The latest period that had samples: the final flush of a stopped collector
+-- can come after its last sample.
+QUALIFY row_number() OVER (
+    PARTITION BY s.host, s.netns ORDER BY s.samples > 0 DESC, s.last_seen DESC
+) = 1
 ORDER BY s.host, s.netns
 """
 
