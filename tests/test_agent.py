@@ -127,7 +127,7 @@ def test_agent_collects_and_serves(agents, peers, tmp_path):
     assert rows == [
         {"node": "box", "comm": "fs-agent-cli", "pid": client.pid, "host": "box"}
     ]
-    assert "1 nodes reached (box)" in result.stderr
+    assert "1 node reached (box)" in result.stderr
     assert describe(agent.endpoint, Credentials())["node"] == "box"
     assert agent.stop() == 0
     log = agent.log()

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -231,6 +232,58 @@ def test_proc_root_env_reads_fixture(tmp_path):
 
     rows = query_json(data, "SELECT inode FROM connections ORDER BY inode")
     assert [row["inode"] for row in rows] == [24003, 24004, 24007]
+
+
+def test_proc_root_without_tables_rejected(tmp_path):
+    root = tmp_path / "notproc"
+    (root / "net").mkdir(parents=True)
+    (root / "net" / "snmp").write_text(Path("/proc/net/snmp").read_text())
+    data = tmp_path / "data"
+
+    result = run_fastsock("collect", "--once", "--proc-root", str(root),
+                          "--data-dir", str(data), check=False)
+
+    assert result.returncode == 1
+    assert "has no net/tcp, net/tcp6, net/udp or net/udp6" in result.stderr
+    assert f"under '{root}'" in result.stderr
+    assert "root of a proc filesystem" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not data.exists()
+
+
+def test_empty_pid_1_net_rejected(tmp_path):
+    root = tmp_path / "hostproc"
+    (root / "1" / "net").mkdir(parents=True)
+    (root / "net").mkdir()
+    (root / "net" / "tcp").write_text(Path("/proc/net/tcp").read_text())
+
+    result = run_fastsock("collect", "--once", "--proc-root", str(root),
+                          "--data-dir", str(tmp_path / "data"), check=False)
+
+    assert result.returncode == 1
+    assert f"under '{root}/1'" in result.stderr
+
+
+@pytest.mark.parametrize("name", ["tcp", "tcp6", "udp", "udp6"])
+def test_proc_root_one_table_accepted(tmp_path, name):
+    root = tmp_path / "proc"
+    (root / "net").mkdir(parents=True)
+    header = Path(f"/proc/net/{name}").read_text().splitlines()[0]
+    (root / "net" / name).write_text(header + "\n")
+
+    result = run_fastsock("collect", "--once", "--proc-root", str(root),
+                          "--data-dir", str(tmp_path / "data"), check=False)
+
+    assert result.returncode == 0, result.stderr
+    assert "has no net/tcp" not in result.stderr
+
+
+def test_sample_rejects_proc_root_without_tables(tmp_path):
+    import fastsock
+    from fastsock.errors import ProcReadError
+
+    with pytest.raises(ProcReadError, match="has no net/tcp, net/tcp6"):
+        fastsock.sample(tmp_path)
 
 
 def test_sample_api_sees_own_socket():

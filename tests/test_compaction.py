@@ -259,6 +259,27 @@ def test_compact_rejects_bad_input(tmp_path):
         compact(tmp_path / "missing")
 
 
+def test_compact_rejects_file_as_data_dir(tmp_path):
+    target = tmp_path / "afile"
+    target.write_text("")
+
+    with pytest.raises(NoDataError, match="is a file"):
+        compact(target)
+
+
+def test_compact_file_message_matches_query(tmp_path):
+    target = tmp_path / "afile"
+    target.write_text("")
+
+    compacted = run_fastsock("compact", "--data-dir", str(target), check=False)
+    queried = run_fastsock("query", "--data-dir", str(target), "select 1", check=False)
+
+    assert compacted.returncode == 1
+    assert f"data directory {target} is a file" in compacted.stderr
+    assert "not found" not in compacted.stderr
+    assert compacted.stderr == queried.stderr
+
+
 def test_compact_command_prints_counts(tmp_path):
     write_history(tmp_path)
 

@@ -288,7 +288,7 @@ def test_agent_skips_damaged_file(tmp_path, table_name, make_row, key):
         agent.stop()
 
     assert [row[key] for row in json.loads(result.stdout)] == [1, 3]
-    assert "1 nodes reached (box)" in result.stderr
+    assert "1 node reached (box)" in result.stderr
     log = agent.log()
     assert "skipping 1 damaged Parquet file" in log
     assert str(files[1]) in log

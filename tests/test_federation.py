@@ -42,8 +42,10 @@ from fastsock.flight_server import AgentServer
 from fastsock.node import node_identity
 from fastsock.pushdown import plan_tables, validate_select
 from fastsock.query import open_database, run_query
+from fastsock.reports import summary_lines
 from fastsock.schema import TABLES
 from fastsock.store import ParquetStore
+from harness import run_fastsock
 from netns_hosts import Network, skip_reason
 
 NOW = datetime.now(timezone.utc).replace(microsecond=0)
@@ -616,6 +618,52 @@ def test_strict_fails_on_missed_node(fleet):
             fleet.options(strict=True),
             Credentials(),
         )
+
+
+def test_strict_error_counts_one_node(fleet):
+    with pytest.raises(FederationError) as caught:
+        query_agent(
+            fleet.endpoint("web"),
+            "SELECT count(*) FROM connections",
+            fleet.options(strict=True),
+            Credentials(),
+        )
+
+    assert "--strict: 1 node did not send every row" in str(caught.value)
+
+
+def test_summary_counts_one_node(fleet, caplog):
+    caplog.set_level(logging.INFO, logger="fastsock.flight_server")
+
+    _, reports = query_agent(
+        fleet.endpoint("app"),
+        "SELECT count(*) FROM connections",
+        fleet.options(max_depth=0),
+        Credentials(),
+    )
+
+    assert summary_lines(reports)[0].startswith("federation: 1 node reached (app),")
+    assert ", 1 node reached," in caplog.text
+
+
+def test_summary_counts_nodes(fleet):
+    _, reports = query_agent(
+        fleet.endpoint("web"),
+        "SELECT count(*) FROM connections",
+        fleet.options(),
+        Credentials(),
+    )
+
+    assert summary_lines(reports)[0].startswith("federation: 4 nodes reached (")
+
+
+def test_deps_federated_help_names_no_sql():
+    deps_help = " ".join(run_fastsock("deps", "--help").stdout.split())
+    query_help = " ".join(run_fastsock("query", "--help").stdout.split())
+
+    assert "--federated Read the flows and listeners of this node" in deps_help
+    assert "Run the SQL over" not in deps_help
+    assert "--federated Run the SQL over the rows of this node" in query_help
 
 
 def test_local_entry_matches_agent_entry(fleet):

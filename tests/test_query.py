@@ -14,11 +14,13 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import pytest
 
+import fastsock
 from fastsock.errors import NoDataError, QueryError
 from fastsock.output import iso_duration, write_result
 from fastsock.query import open_database, run_query, tables_with_files
 from fastsock.schema import TABLES
 from fastsock.store import ParquetStore
+from harness import run_fastsock
 
 
 def at(hour: int, minute: int = 0) -> datetime:
@@ -155,6 +157,44 @@ def test_empty_dir_raises_no_data(tmp_path):
 def test_missing_dir_raises_no_data(tmp_path):
     with pytest.raises(NoDataError):
         run_query(tmp_path / "never-created", "select 1")
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("never-created", None, "nothing collected in {path} yet"),
+        ("empty", "", "nothing collected in {path} yet"),
+        ("afile", "text", "data directory {path} is a file"),
+    ],
+)
+def test_open_history_rejects_bad_dir(tmp_path, name, content, message):
+    path = tmp_path / name
+    if content == "":
+        path.mkdir()
+    elif content is not None:
+        path.write_text(content)
+    expected = re.escape(message.format(path=path))
+
+    with pytest.raises(NoDataError, match=expected):
+        fastsock.open_history(path)
+
+
+def test_open_history_matches_query_command(tmp_path):
+    target = tmp_path / "afile"
+    target.write_text("")
+
+    with pytest.raises(NoDataError) as caught:
+        fastsock.open_history(target)
+    result = run_fastsock("query", "--data-dir", str(target), "select 1", check=False)
+
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"fastsock: error: {caught.value}"
+
+
+def test_open_history_reads_collected_rows(data_dir):
+    history = fastsock.open_history(data_dir)
+
+    assert count_rows(history, "connections") == 2
 
 
 @pytest.mark.parametrize("sandboxed", [False, True])
@@ -526,3 +566,24 @@ def test_junk_parquet_file_is_skipped(data_dir, caplog):
     assert "skipping 1 damaged Parquet file" in caplog.text
     assert str(junk) in caplog.text
     assert junk.read_bytes() == b"not parquet"
+
+
+def test_output_to_missing_directory_rejected(data_dir, tmp_path):
+    target = tmp_path / "missing" / "x.csv"
+
+    result = run_fastsock("query", "--data-dir", str(data_dir), "--format", "csv",
+                          "--output", str(target), "select 1", check=False)
+
+    assert result.returncode == 2
+    assert f"cannot write {target}" in result.stderr
+    assert f"its directory {target.parent} does not exist" in result.stderr
+    assert "create it or choose another --output" in result.stderr
+    assert "[Errno" not in result.stderr
+
+
+def test_output_that_is_a_directory_rejected(data_dir, tmp_path):
+    result = run_fastsock("query", "--data-dir", str(data_dir), "--format", "parquet",
+                          "--output", str(tmp_path), "select 1", check=False)
+
+    assert result.returncode == 2
+    assert f"cannot write {tmp_path}: it is a directory" in result.stderr

@@ -5,7 +5,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 
 from caseload import case_dir
 from fastsock.collector import Collector

@@ -28,9 +28,12 @@ def open_history(data_dir=None):
     data_dir defaults to ``$FASTSOCK_DATA_DIR``, else ``/var/lib/fastsock`` as
     root, else ``$XDG_DATA_HOME/fastsock``. The views are ``connections``,
     ``listeners``, ``processes`` and the other tables in docs/schema.md, plus
-    ``<table>_records`` with every stored record.
+    ``<table>_records`` with every stored record. Raises NoDataError, as
+    ``fastsock query`` does, when data_dir is a file or has no collected files.
     """
-    from fastsock.query import open_database
+    from fastsock.query import check_collected, open_database
     from fastsock.store import default_data_dir
 
-    return open_database(data_dir if data_dir is not None else default_data_dir())
+    root = data_dir if data_dir is not None else default_data_dir()
+    check_collected(root)
+    return open_database(root)

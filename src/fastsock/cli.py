@@ -377,8 +377,30 @@ def query(
     except BrokenPipeError:
         # The reader (head, less) closed the pipe: stop quietly, as cat does.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    except (ValueError, OSError) as error:
+    except OSError as error:
+        if output is None:
+            raise _fail(str(error), 2)
+        raise _fail(_output_error_text(output, error), 2)
+    except ValueError as error:
         raise _fail(str(error), 2)
+
+
+def _output_error_text(output: Path, error: OSError) -> str:
+    """Return the message for an --output file that could not be written."""
+    directory = output.parent
+    if not directory.exists():
+        reason = f"its directory {directory} does not exist"
+        fix = "create it or choose another --output"
+    elif not directory.is_dir():
+        reason = f"{directory} is not a directory"
+        fix = "choose another --output"
+    elif output.is_dir():
+        reason = "it is a directory"
+        fix = "give a file path to --output"
+    else:
+        reason = error.strerror or str(error)
+        fix = "choose another --output"
+    return f"cannot write {output}: {reason}; {fix}"
 
 
 @app.command()
@@ -507,7 +529,15 @@ def deps(
         DepsFormat, typer.Option("--format", help="Output format.")
     ] = DepsFormat.tree,
     data_dir: DataDirOption = None,
-    federated: FederatedOption = False,
+    federated: Annotated[
+        bool,
+        typer.Option(
+            "--federated",
+            help="Read the flows and listeners of this node and of every node its "
+            "flows reach, recursively, through their agents. Without --agent the "
+            "walk starts from the local data directory; no local agent is needed.",
+        ),
+    ] = False,
     agent: AgentOption = None,
     max_depth: MaxDepthOption = DEFAULT_MAX_DEPTH,
     timeout: TimeoutOption = DEFAULT_TIMEOUT,

@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fastsock.errors import NoDataError, StoreError
-from fastsock.query import quote_identifier
+from fastsock.query import check_not_file, quote_identifier
 from fastsock.schema import TABLES
 from fastsock.store import PART_NAME, conform_table, write_part
 
@@ -106,10 +106,12 @@ def compact(
     once, with ``locked_out`` set, when another compaction holds the lock.
 
     Raises ValueError for an unknown table, NoDataError when the data directory
-    does not exist, and StoreError when the new file cannot be written.
+    does not exist or is a file, and StoreError when the new file cannot be
+    written.
     """
     root = Path(data_dir)
     table_names = _table_names(table)
+    check_not_file(root)
     if not root.is_dir():
         raise NoDataError(
             f"data directory {root} not found; pass the directory that "

@@ -46,6 +46,7 @@ from fastsock.pushdown import TablePlan, plan_tables, validate_select
 from fastsock.query import PARTITION_SCHEMA, open_arrow_database
 from fastsock.reports import (
     NodeReport,
+    count_nodes,
     merge_tables,
     nodes_table,
     strict_failures,
@@ -260,8 +261,8 @@ class FederatedQuery:
             for report in failures
         )
         raise FederationError(
-            f"--strict: {len(failures)} nodes did not send all their rows ({missed}); "
-            f"drop --strict to accept partial results"
+            f"--strict: {count_nodes(len(failures))} did not send every row "
+            f"({missed}); drop --strict to accept partial results"
         )
 
     def _execute(self, sources: dict) -> pa.RecordBatchReader:

@@ -28,6 +28,7 @@ from fastsock.federation import AnswerRegistry, NodeSettings, PullAnswer, PullRe
 from fastsock.federation_errors import AgentStartError, FederationError
 from fastsock.flight_client import QUERY_ERROR, STRICT_ERROR, reports_metadata
 from fastsock.query import tables_with_files
+from fastsock.reports import count_nodes
 
 log = logging.getLogger(__name__)
 
@@ -199,12 +200,12 @@ def _query_stream(query: FederatedQuery, reader, requester: str, started: float)
         query.close()
         reached = sum(report.reached for report in query.reports)
         log.info(
-            "query %s from %s: %d rows in %.0f ms, %d nodes reached, %d missed, %s",
+            "query %s from %s: %d rows in %.0f ms, %s reached, %d missed, %s",
             query.query_id,
             requester,
             rows,
             (time.monotonic() - started) * 1000,
-            reached,
+            count_nodes(reached),
             len(query.reports) - reached,
             outcome,
         )

@@ -132,19 +132,31 @@ def run_query(
     DuckDB's exception, when DuckDB rejects the query or fails to run it.
     """
     root = Path(data_dir)
-    if root.exists() and not root.is_dir():
-        raise NoDataError(
-            f"data directory {root} is a file; pass the directory that "
-            "`fastsock collect --data-dir` wrote to"
-        )
-    if not tables_with_files(root):
-        command = f"fastsock collect --data-dir {shlex.quote(str(root))}"
-        raise NoDataError(f"nothing collected in {root} yet; run `{command}`")
+    check_collected(root)
 
     if not sql.strip():
         raise QueryError("the query is empty; pass a SQL statement such as SELECT")
 
     return _run_skipping_damaged(root, sql, sandboxed)
+
+
+def check_not_file(data_dir: "str | os.PathLike[str]") -> None:
+    """Raise NoDataError when data_dir exists but is not a directory."""
+    root = Path(data_dir)
+    if root.exists() and not root.is_dir():
+        raise NoDataError(
+            f"data directory {root} is a file; pass the directory that "
+            "`fastsock collect --data-dir` wrote to"
+        )
+
+
+def check_collected(data_dir: "str | os.PathLike[str]") -> None:
+    """Raise NoDataError unless data_dir is a directory with collected Parquet files."""
+    check_not_file(data_dir)
+    root = Path(data_dir)
+    if not tables_with_files(root):
+        command = f"fastsock collect --data-dir {shlex.quote(str(root))}"
+        raise NoDataError(f"nothing collected in {root} yet; run `{command}`")
 
 
 def _run_skipping_damaged(root: Path, sql: str, sandboxed: bool) -> pa.Table:

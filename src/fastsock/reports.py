@@ -187,6 +187,11 @@ def strict_failures(reports: Iterable[NodeReport]) -> list[NodeReport]:
     return [report for report in reports if report.status in STRICT_FAILURES]
 
 
+def count_nodes(count: int) -> str:
+    """Return ``count`` with the noun node, singular for one: "1 node", "2 nodes"."""
+    return f"{count} node" if count == 1 else f"{count} nodes"
+
+
 def summary_lines(reports: list[NodeReport]) -> list[str]:
     """Return a short text summary for standard error: totals, then each miss."""
     reached = [report for report in reports if report.reached]
@@ -195,8 +200,8 @@ def summary_lines(reports: list[NodeReport]) -> list[str]:
 
     names = ", ".join(report.node or report.node_id or "?" for report in reached)
     lines = [
-        f"federation: {len(reached)} nodes reached ({names}), {len(missed)} missed, "
-        f"{rows} rows"
+        f"federation: {count_nodes(len(reached))} reached ({names}), "
+        f"{len(missed)} missed, {rows} rows"
     ]
     for report in reports:
         if report.status not in (OK, DUPLICATE):

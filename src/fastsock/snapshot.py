@@ -9,10 +9,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
+from fastsock.errors import ProcReadError
 from fastsock.netlink import DIAG_FIELDS, diag_null_columns, with_diag_columns
 from fastsock.netns import NETNS_FIELD, NamespaceTables, netns_column, with_netns
 from fastsock.processes import RESOLVED_SCHEMA, Attributor
-from fastsock.procfs import DEFAULT_PROC_ROOT, resolve_proc_root
+from fastsock.procfs import DEFAULT_PROC_ROOT, PROC_ROOT_ENV, resolve_proc_root
 from fastsock.sockets import (
     SAMPLE_SCHEMA,
     SOCKET_FILES,
@@ -51,6 +52,26 @@ def table_root(proc_root: str) -> str:
     if os.path.isdir(f"{proc_root}/1/net"):
         return f"{proc_root}/1"
     return proc_root
+
+
+def check_socket_tables(proc_root: str) -> None:
+    """Raise ProcReadError unless proc_root shows at least one socket table.
+
+    The tables are read under table_root(proc_root). One of net/tcp, net/tcp6,
+    net/udp and net/udp6 is enough, because a kernel without IPv6 and a fixture
+    tree have only some. A directory with none of them is not a proc tree, and
+    reading it would record no socket.
+    """
+    root = table_root(proc_root)
+    paths = [f"net/{name}" for name, _protocol, _family in SOCKET_FILES]
+    if any(os.path.exists(f"{root}/{path}") for path in paths):
+        return
+    expected = ", ".join(paths[:-1]) + f" or {paths[-1]}"
+    raise ProcReadError(
+        f"proc root {proc_root!r} has no {expected} under {root!r}; pass "
+        f"--proc-root or set {PROC_ROOT_ENV} to the root of a proc filesystem, "
+        f"such as /proc or a host's /proc mounted in a container"
+    )
 
 
 def read_netns(proc_root: str) -> int | None:
@@ -103,6 +124,8 @@ class Snapshotter:
                 f"fastsock runs in, which would be joined with the processes of "
                 f"proc root {self.proc_root}; use --source proc with --proc-root"
             )
+        if source == "proc":
+            check_socket_tables(self.proc_root)
         self.host = host or socket.gethostname()
         self.netns = read_netns(self.proc_root)
         self.attributor = Attributor(self.proc_root)
