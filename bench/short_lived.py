@@ -11,8 +11,8 @@ prints per lifetime bucket:
 - live: share recorded by sampling alone (detected_by = 'live');
 - attributed: share whose pid is the process that held the socket;
 - theory: the share that periodic polling sees, min(1, lifetime / period),
-  where the period is the interval, or the median sample time when sampling
-  runs back to back.
+  where the period is the mean time between samples, flushes included, and
+  at least the interval.
 
     python bench/short_lived.py
     python bench/short_lived.py --rate 100 --seconds 20 --modes proc-1s netlink-events
