@@ -1,10 +1,16 @@
 """The socket-table parser on literal kernel text, read through a proc root."""
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 
 from fastsock.sockets import SkipLogger, TableReport, read_socket_tables
 
 from caseload import expected, expected_rows, proc_tree
+from netns_hosts import skip_reason
 
 CASES = ["C01", "C03", "C04", "C05", "C06", "C07", "C09"]
 
@@ -16,7 +22,9 @@ def parse(root):
 
 
 def by_inode_and_port(table):
-    return {(r["inode"], r["local_port"], r["remote_port"]): r for r in table.to_pylist()}
+    return {
+        (r["inode"], r["local_port"], r["remote_port"]): r for r in table.to_pylist()
+    }
 
 
 def expected_state(row):
@@ -86,7 +94,12 @@ def test_short_rows_keep_inode_zero(tmp_path):
     table, _ = parse(proc_tree("C05", tmp_path))
     short = [r for r in table.to_pylist() if r["inode"] == 0]
 
-    assert {r["state"] for r in short} == {"TIME_WAIT", "SYN_RECV", "FIN_WAIT2", "FIN_WAIT1"}
+    assert {r["state"] for r in short} == {
+        "TIME_WAIT",
+        "SYN_RECV",
+        "FIN_WAIT2",
+        "FIN_WAIT1",
+    }
     assert all(r["remote_port"] != 0 for r in short)
 
 
@@ -133,35 +146,61 @@ def write_tcp(root, body):
     "line, reason",
     [
         ("   1: 0100007F:1F90 00000000:0000 0A\n", "too_few_fields"),
-        ("   1: 0100007F:1F90 00000000:0000 0A 0000000Q:00000000 00:0 0 0 0 41002\n",
-         "bad_queue"),
+        (
+            "   1: 0100007F:1F90 00000000:0000 0A 0000000Q:00000000 00:0 0 0 0 41002\n",
+            "bad_queue",
+        ),
         ("   1: 0100007F:1F90\n", "too_few_fields"),
-        ("   1: 01000G7F:1F90 00000000:0000 0A 00000000:00000000 00:0 0 0 0 41002\n",
-         "bad_address"),
-        ("   1: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:0 0 1000\n",
-         "too_few_fields"),
-        ("   1: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:0 0 1000 0 12x4\n",
-         "bad_inode"),
-        ("   1: 0100007F:1F9G0 00000000:0000 0A 00000000:00000000 00:0 0 0 0 41002\n",
-         "bad_port"),
-        ("   1: 0100007F:1F90 00000000:0000 ZZ 00000000:00000000 00:0 0 0 0 41002\n",
-         "bad_state"),
+        (
+            "   1: 01000G7F:1F90 00000000:0000 0A 00000000:00000000 00:0 0 0 0 41002\n",
+            "bad_address",
+        ),
+        (
+            "   1: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:0 0 1000\n",
+            "too_few_fields",
+        ),
+        (
+            "   1: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:0 0 1000 0 12x4\n",
+            "bad_inode",
+        ),
+        (
+            "   1: 0100007F:1F9G0 00000000:0000 0A 00000000:00000000 00:0 0 0 0 41002\n",
+            "bad_port",
+        ),
+        (
+            "   1: 0100007F:1F90 00000000:0000 ZZ 00000000:00000000 00:0 0 0 0 41002\n",
+            "bad_state",
+        ),
         ("garbage that is not a row\n", "bad_slot"),
-        ("   1: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:0 0 -5 0 41002\n",
-         "bad_uid"),
-        ("   1: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:0 0 12abc 0 41002\n",
-         "bad_uid"),
-        ("   1: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:0 0 "
-         "12345678901234567890 0 41002\n", "bad_uid"),
-        ("   1: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:0 0 0 0 "
-         "9999999999999999999\n", "bad_inode"),
+        (
+            "   1: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:0 0 -5 0 41002\n",
+            "bad_uid",
+        ),
+        (
+            "   1: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:0 0 12abc 0 41002\n",
+            "bad_uid",
+        ),
+        (
+            "   1: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:0 0 "
+            "12345678901234567890 0 41002\n",
+            "bad_uid",
+        ),
+        (
+            "   1: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:0 0 0 0 "
+            "9999999999999999999\n",
+            "bad_inode",
+        ),
         ("   1: 0100007F:1F90 00000000:0000 0A 00000000:\n", "too_few_fields"),
-        ("   1: 0100007F:1F90 00000000:0000 0A 00000000:0000000x 00:0 0 0 0 41002\n",
-         "bad_queue"),
+        (
+            "   1: 0100007F:1F90 00000000:0000 0A 00000000:0000000x 00:0 0 0 0 41002\n",
+            "bad_queue",
+        ),
     ],
 )
 def test_malformed_row_skipped_and_counted(tmp_path, line, reason):
-    table, report = parse(write_tcp(tmp_path, GOOD + line + GOOD.replace("41001", "41003")))
+    table, report = parse(
+        write_tcp(tmp_path, GOOD + line + GOOD.replace("41001", "41003"))
+    )
 
     assert table.column("inode").to_pylist() == [41001, 41003]
     assert report.skipped == {("tcp", reason): 1}
@@ -219,21 +258,52 @@ def test_unreadable_table_raises_proc_read_error(tmp_path):
         parse(tmp_path)
 
 
-def test_early_stop_matches_full_read(peers):
+# Run in a network namespace of the test's own, so that no other process's
+# connections open or close while the tables are read twice.
+EARLY_STOP_PROGRAM = """
+import json, socket
+from fastsock import _socktable
+
+server = socket.create_server(("127.0.0.1", 0))
+held = []
+for _ in range(200):
+    held.append(socket.create_connection(server.getsockname()))
+    held.append(server.accept()[0])
+result = {}
+for name in ("tcp", "tcp6", "udp", "udp6"):
+    full = _socktable.read_file(f"/proc/net/{name}")
+    short = _socktable.read_file(f"/proc/net/{name}", True)
+    result[name] = [full.early_stop_size, full.size, full.reads,
+                    short.stopped_early, short.reads]
+print(json.dumps(result))
+"""
+
+
+@pytest.mark.skipif(skip_reason() is not None, reason=str(skip_reason()))
+def test_early_stop_matches_full_read():
     """On the live kernel, the early-stop rule ends exactly where EOF is."""
-    from fastsock import _socktable
+    namespace = f"fs-early-stop-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", namespace], check=True)
+    try:
+        subprocess.run(["ip", "-n", namespace, "link", "set", "lo", "up"], check=True)
+        command = [sys.executable, "-c", EARLY_STOP_PROGRAM]
+        run = subprocess.run(
+            ["ip", "netns", "exec", namespace, *command],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        )
+    finally:
+        subprocess.run(["ip", "netns", "del", namespace], check=True)
 
-    server = peers("server", "--bind", "127.0.0.1")
-    peers("client", "--connect", "127.0.0.1", str(server.info["port"]), "--count", "200")
-
-    for name in ("tcp", "tcp6", "udp", "udp6"):
-        full = _socktable.read_file(f"/proc/net/{name}")
-        short = _socktable.read_file(f"/proc/net/{name}", True)
-        assert full.early_stop_size in (-1, full.size)
-        if short.stopped_early:
-            assert short.reads < full.reads
-    tcp = _socktable.read_file("/proc/net/tcp")
-    assert tcp.reads > 2
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    for name, (stop_size, size, reads, stopped_early, short_reads) in result.items():
+        assert stop_size in (-1, size), name
+        if stopped_early:
+            assert short_reads < reads, name
+    assert result["tcp"][2] > 2
 
 
 def test_early_stop_turned_off_on_mismatch(tmp_path, caplog):
