@@ -13,7 +13,7 @@ from fastsock.rowruns import take_rows
 from fastsock.snapshot import Snapshotter
 from fastsock.store import ParquetStore
 from proctree import write_process
-from test_direction import CLIENT, ESTABLISHED, SERVER, TreeCollector, tcp_row
+from test_direction import CLIENT, ESTABLISHED, LISTEN, SERVER, TreeCollector, tcp_row
 from test_store import tmpfs  # noqa: F401 (a fixture)
 
 
@@ -180,3 +180,28 @@ def test_restart_keeps_flows_and_time_wait(tmp_path):
     )
     assert inbound.column("opened").to_pylist() == [5]
     assert detected.column("n").to_pylist() == [0]
+
+
+@pytest.mark.parametrize(
+    ("holders", "expected"),
+    [([700], (700, "listener")), ([700, 701], (None, "no_holder"))],
+)
+def test_unowned_inbound_gets_listener_owner(tmp_path, holders, expected):
+    tree = TreeCollector(tmp_path)
+    for pid in holders:
+        write_process(
+            tree.root, {"pid": pid, "comm": "fs-server", "fds": {"3": "socket:[500]"}}
+        )
+    listener = tcp_row(0, SERVER, ("0.0.0.0", 0), LISTEN, 500)
+    # No process holds inode 501: its socket closed before the fd walk.
+    accepted = tcp_row(1, SERVER, CLIENT, ESTABLISHED, 501)
+    tree.sample(tcp=[listener, accepted])
+    tree.collector.flush()
+
+    rows = run_query(
+        tree.data,
+        "SELECT pid, attribution, direction FROM connections WHERE inode = 501",
+    ).to_pylist()
+
+    assert [(row["pid"], row["attribution"]) for row in rows] == [expected]
+    assert rows[0]["direction"] == "inbound"

@@ -13,10 +13,16 @@ import pyarrow.compute as pc
 
 from fastsock.direction import ListenerHistory, classify, read_ephemeral_ports
 from fastsock.flows import DEFAULT_BUCKET_SECONDS, FlowAggregator
-from fastsock.rowruns import rows_where
-from fastsock.snapshot import Snapshotter
+from fastsock.rowruns import replace_rows, rows_where
+from fastsock.snapshot import OWNER_COLUMNS, Snapshotter
 from fastsock.sockets import is_listening
-from fastsock.timewait import FOUR_TUPLE, ClosedConnectionDetector, detection_records
+from fastsock.timewait import (
+    ATTRIBUTED_BY_LISTENER,
+    FOUR_TUPLE,
+    ClosedConnectionDetector,
+    detection_records,
+    listener_owners,
+)
 
 log = logging.getLogger(__name__)
 
@@ -115,14 +121,56 @@ class DependencyModel:
         # owner and counter columns of every drained row are not copied.
         connections = _classify_input(_select_read(drained))
         connections = rows_where(connections, ~listening)
-        directions, _ = classify(connections, self.listeners, self.ephemeral_ports)
+        directions, sole = classify(connections, self.listeners, self.ephemeral_ports)
         del connections
 
         # Row i of drained takes direction number (connections before i); a
         # listener's index is masked, so its direction is NULL.
         position = np.cumsum(~listening) - 1
         column = directions.take(pa.array(position, mask=listening))
-        return drained.append_column("direction", column)
+        drained = drained.append_column("direction", column)
+        return self._owned_by_listener(
+            drained, np.flatnonzero(~listening), directions, sole
+        )
+
+    def _owned_by_listener(
+        self,
+        drained: pa.Table,
+        connection_rows: np.ndarray,
+        directions: pa.Array,
+        sole: np.ndarray,
+    ) -> pa.Table:
+        """Give sampled connections without an owner their listener's process.
+
+        A socket that closed before any fd walk found its process has no
+        owner, while the close event or TIME_WAIT row of the same connection
+        gets its listener's. The same rule applies here (see listener_owners),
+        with attribution 'listener'. connection_rows are the rows of drained
+        that directions and sole describe, in order.
+        """
+        valid = drained.column("pid").is_valid().to_numpy(zero_copy_only=False)
+        unowned = ~valid[connection_rows]
+        if not unowned.any():
+            return drained
+        owners = listener_owners(directions, sole, self.listeners)
+        certain = unowned & owners["pid"].is_valid().to_numpy(zero_copy_only=False)
+        if not certain.any():
+            return drained
+
+        if "attribution" not in drained.column_names:
+            drained = drained.append_column(
+                "attribution", pa.nulls(drained.num_rows, pa.string())
+            )
+        chosen = pa.array(certain)
+        values = {
+            name: owners[name].filter(chosen)
+            for name in OWNER_COLUMNS
+            if name in drained.column_names
+        }
+        values["attribution"] = pa.repeat(
+            pa.scalar(ATTRIBUTED_BY_LISTENER), int(certain.sum())
+        )
+        return replace_rows(drained, connection_rows[certain], values)
 
     def detections(self, drained: pa.Table, host: str) -> pa.Table | None:
         """Return connections records of TIME_WAIT detections since the last flush.

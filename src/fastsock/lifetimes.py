@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from fastsock.core import load_extension
-from fastsock.rowruns import take_rows
+from fastsock.rowruns import replace_rows, take_rows
 
 _keyindex = load_extension("_keyindex")
 
@@ -187,25 +187,12 @@ class LifetimeTracker:
         part_of = np.searchsorted(starts, positions, side="right") - 1
         for index in np.unique(part_of).tolist():
             chosen = np.flatnonzero(part_of == index)
-            part = self._parts[index]
-            # Row i of the part takes row picks[i] of (the part's column, the values).
-            picks = np.arange(part.num_rows)
-            picks[positions[chosen] - starts[index]] = part.num_rows + np.arange(
-                len(chosen)
-            )
-            picks = pa.array(picks)
             replacing = values.take(pa.array(chosen))
-            for name in values.column_names:
-                column = part.schema.get_field_index(name)
-                field = part.schema.field(column)
-                merged = pa.concat_arrays(
-                    [
-                        part.column(column).combine_chunks(),
-                        replacing.column(name).combine_chunks().cast(field.type),
-                    ]
-                )
-                part = part.set_column(column, field, merged.take(picks))
-            self._parts[index] = part
+            self._parts[index] = replace_rows(
+                self._parts[index],
+                positions[chosen] - starts[index],
+                {name: replacing.column(name) for name in values.column_names},
+            )
         # The keys stay, so the hash index stays too.
         self._table = None
         self.version += 1

@@ -1,4 +1,4 @@
-"""Select table rows as slices of runs, which copies nothing, when the runs are few.
+"""Select table rows as slices of runs, which copies nothing, and replace rows.
 
 A flush selects nearly every row of large tables: the connections among
 the drained sockets, the open sockets among those the tracker keeps. A
@@ -33,3 +33,30 @@ def take_rows(table: pa.Table, indices: np.ndarray) -> pa.Table:
     ends = indices[np.concatenate([breaks - 1, [len(indices) - 1]])] + 1
     slices = [table.slice(start, end - start) for start, end in zip(starts, ends)]
     return slices[0] if len(slices) == 1 else pa.concat_tables(slices)
+
+
+def replace_rows(
+    table: pa.Table, rows: np.ndarray, values: dict[str, pa.Array]
+) -> pa.Table:
+    """Return table with the values of some columns replaced at rows.
+
+    values maps column names to arrays with one value per row. Only the
+    named columns are copied.
+    """
+    # Row i of a new column takes row picks[i] of (the old column, the values).
+    picks = np.arange(table.num_rows)
+    picks[rows] = table.num_rows + np.arange(len(rows))
+    picks = pa.array(picks)
+    for name, replacing in values.items():
+        position = table.schema.get_field_index(name)
+        field = table.schema.field(position)
+        merged = pa.concat_arrays(
+            [
+                table.column(position).combine_chunks(),
+                replacing.combine_chunks().cast(field.type)
+                if isinstance(replacing, pa.ChunkedArray)
+                else replacing.cast(field.type),
+            ]
+        )
+        table = table.set_column(position, field, merged.take(picks))
+    return table

@@ -225,7 +225,7 @@ def detection_records(
         "detected_by": pa.repeat(pa.scalar(DETECTED_BY), rows),
         "direction": directions,
     }
-    columns.update(_owners(directions, sole_listener, history))
+    columns.update(listener_owners(directions, sole_listener, history))
 
     columns["attribution"] = pc.if_else(
         pc.is_valid(columns["pid"]), ATTRIBUTED_BY_LISTENER, NO_HOLDER
@@ -243,10 +243,14 @@ def detection_records(
     return pa.Table.from_arrays(arrays, schema=schema.CONNECTIONS)
 
 
-def _owners(
+def listener_owners(
     directions: pa.Array, sole_listener: np.ndarray, history: ListenerHistory
 ) -> dict[str, pa.Array]:
-    """Return the owner columns: the listener's for certain cases, else NULL."""
+    """Return the OWNER_COLUMNS of each connection: its listener's, else NULL.
+
+    Only where it is certain: an inbound connection whose port has exactly
+    one covering listener, held by exactly one process.
+    """
     inbound = pc.equal(directions, INBOUND).to_numpy(zero_copy_only=False)
     has_listener = sole_listener >= 0
     certain = inbound & has_listener
