@@ -8,13 +8,24 @@ import pyarrow as pa
 import pytest
 
 from fastsock.collector import Collector
+from fastsock.errors import NoDataError
 from fastsock.query import run_query
 from fastsock.rowruns import take_rows
 from fastsock.snapshot import Snapshotter
 from fastsock.store import ParquetStore
 from proctree import write_process
-from test_direction import CLIENT, ESTABLISHED, LISTEN, SERVER, TreeCollector, tcp_row
+from test_direction import (
+    CLIENT,
+    ESTABLISHED,
+    LISTEN,
+    SERVER,
+    TreeCollector,
+    tcp_row,
+)
+
 from test_store import tmpfs  # noqa: F401 (a fixture)
+
+TIME_WAIT = 0x06
 
 
 def owners_by_inode(data_dir) -> dict[int, tuple]:
@@ -205,3 +216,31 @@ def test_unowned_inbound_gets_listener_owner(tmp_path, holders, expected):
 
     assert [(row["pid"], row["attribution"]) for row in rows] == [expected]
     assert rows[0]["direction"] == "inbound"
+
+
+def test_periodic_flush_holds_new_time_wait_rows(tmp_path):
+    tree = TreeCollector(tmp_path)
+    closing = tcp_row(1, CLIENT, SERVER, TIME_WAIT, 0)
+    tree.sample(tcp=[closing])
+
+    # A close event of the same connection may still arrive, so a periodic
+    # flush leaves a detection younger than HOLD_SECONDS for the next flush.
+    # The second periodic flush waits for the first to be written.
+    tree.collector.flush_in_background()
+    tree.collector.flush_in_background()
+    held = time_wait_count(tree.data)
+    tree.collector.flush()
+
+    assert held == 0
+    assert time_wait_count(tree.data) == 1
+    assert tree.collector.status.flushes == 3
+
+
+def time_wait_count(data_dir) -> int:
+    sql = (
+        "SELECT count(*) AS n FROM connections_records WHERE detected_by = 'time_wait'"
+    )
+    try:
+        return run_query(data_dir, sql).column("n").to_pylist()[0]
+    except NoDataError:
+        return 0

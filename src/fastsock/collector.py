@@ -336,7 +336,7 @@ class Collector:
         the records go back into memory then.
         """
         self._settle_background_flush()
-        drained = self._drain_for_flush()
+        drained = self._drain_for_flush(periodic=True)
         if drained is None:
             return
 
@@ -356,11 +356,13 @@ class Collector:
         if result is not None and drained is not None:
             self._settle(drained, result)
 
-    def _drain_for_flush(self) -> "DrainedFlush | None":
+    def _drain_for_flush(self, periodic: bool = False) -> "DrainedFlush | None":
         """Take a flush's records from the sampling side; None before any sample.
 
         Runs in the sampling thread. What follows (_build_and_write) touches
-        nothing that a sample changes, so it may run in another thread.
+        nothing that a sample changes, so it may run in another thread. A
+        periodic flush leaves the newest TIME_WAIT detections for the next
+        one (see DependencyModel.start_flush); any other flush takes them all.
         """
         if self.closes is not None:
             # Events received since the last sample close their records now.
@@ -372,7 +374,7 @@ class Collector:
             return None
         if self.closes is not None:
             sockets = merge_records(sockets, self.closes.drain())
-        self.dependencies.start_flush()
+        self.dependencies.start_flush(final=not periodic)
         return DrainedFlush(sockets, processes, self._counters(), time.perf_counter())
 
     def _build_and_write(self, drained: "DrainedFlush", final: bool) -> WriteResult:

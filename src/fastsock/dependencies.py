@@ -19,6 +19,7 @@ from fastsock.sockets import is_listening
 from fastsock.timewait import (
     ATTRIBUTED_BY_LISTENER,
     FOUR_TUPLE,
+    HOLD_SECONDS,
     ClosedConnectionDetector,
     detection_records,
     listener_owners,
@@ -68,6 +69,7 @@ class DependencyModel:
         # when the flush runs in the sampling thread without it.
         self._flush_detections: list[pa.Table] | None = None
         self._flush_us: int | None = None
+        self._flush_final = True
 
     def observe(self, snapshot: pa.Table, live: pa.Table, time_us: int) -> pa.Table:
         """Record one sample's closing rows; return live with opened_after_us.
@@ -95,15 +97,18 @@ class DependencyModel:
             return [self.snapshotter.netns or 0]
         return [namespace.inode or 0 for namespace in tables.namespaces]
 
-    def start_flush(self) -> None:
+    def start_flush(self, final: bool = False) -> None:
         """Take what a flush reads of the sampling side; call in the sampling thread.
 
         classify(), detections() and flows() read only what this took and
         state that samples do not touch, so they may run in another thread
-        while observe() goes on, one flush at a time.
+        while observe() goes on, one flush at a time. Unless final, the
+        newest TIME_WAIT detections wait for the next flush (see
+        timewait.HOLD_SECONDS).
         """
         self._flush_detections = self.time_wait.take_pending()
         self._flush_us = self.latest_sample_us
+        self._flush_final = final
 
     def classify(self, drained: pa.Table) -> pa.Table:
         """Return drained lifetimes with a direction column (NULL for listeners).
@@ -180,7 +185,10 @@ class DependencyModel:
         """
         live = _select_read(drained)
         live = rows_where(live, _valid(drained.column("direction")))
-        detected = self.time_wait.drain(live, self._flush_detections)
+        hold_from_us = None
+        if not self._flush_final:
+            hold_from_us = self._flush_time_us() - int(HOLD_SECONDS * 1_000_000)
+        detected = self.time_wait.drain(live, self._flush_detections, hold_from_us)
         self._flush_detections = None
         self._drained_detections = detected
         self._prune(live)

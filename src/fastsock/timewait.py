@@ -50,6 +50,12 @@ CLOSING_STATES = pa.array(
     pa.int8(),
 )
 
+# Seconds that a detection waits before it is recorded. The close event of
+# the same connection can arrive after its TIME_WAIT row is listed (the
+# kernel sends it from a work queue), and it must find the detection still
+# unrecorded to replace it.
+HOLD_SECONDS = 1.0
+
 FOUR_TUPLE = [
     "netns",
     "protocol",
@@ -81,6 +87,8 @@ class ClosedConnectionDetector:
     def __init__(self) -> None:
         self._listed = np.empty(0, dtype=np.int64)
         self._pending: list[pa.Table] = []
+        # Detections that the last drain held back for the next one.
+        self._held: pa.Table | None = None
         self._recently_live: pa.Table | None = None
         self._text_ids = TextIds()
 
@@ -112,12 +120,18 @@ class ClosedConnectionDetector:
         return int(new.sum())
 
     def take_pending(self) -> list[pa.Table]:
-        """Hand over the detections that observe() found since the last call."""
+        """Hand over the detections found since the last call, and those held back."""
         pending, self._pending = self._pending, []
+        if self._held is not None:
+            pending.insert(0, self._held)
+            self._held = None
         return pending
 
     def drain(
-        self, live: pa.Table, pending: list[pa.Table] | None = None
+        self,
+        live: pa.Table,
+        pending: list[pa.Table] | None = None,
+        hold_from_us: int | None = None,
     ) -> pa.Table | None:
         """Return the detections since the last drain, minus connections tracked live.
 
@@ -125,7 +139,9 @@ class ClosedConnectionDetector:
         FOUR_TUPLE columns. Their four-tuples are also kept until the next drain,
         for a row that is listed just after a drain. pending is what
         take_pending() returned, for a drain in another thread than observe();
-        by default the pending detections are taken here.
+        by default the pending detections are taken here. Detections first
+        seen at hold_from_us or later wait for the next drain (see
+        HOLD_SECONDS); None holds none back, for the last drain.
         """
         if pending is None:
             pending = self.take_pending()
@@ -139,6 +155,11 @@ class ClosedConnectionDetector:
             if tracked is not None and detected.num_rows:
                 detected = _without(detected, tracked)
         self._recently_live = _tuples(live)
+        if hold_from_us is not None and detected.num_rows:
+            young = detected.column("first_seen_us").to_numpy() >= hold_from_us
+            if young.any():
+                self._held = detected.filter(pa.array(young))
+                detected = detected.filter(pa.array(~young))
         return detected
 
     def forget_stored(self, stored: pa.Table) -> None:
