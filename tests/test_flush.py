@@ -204,7 +204,7 @@ def test_unowned_inbound_gets_listener_owner(tmp_path, holders, expected):
             tree.root, {"pid": pid, "comm": "fs-server", "fds": {"3": "socket:[500]"}}
         )
     listener = tcp_row(0, SERVER, ("0.0.0.0", 0), LISTEN, 500)
-    # No process holds inode 501: its socket closed before the fd walk.
+    # No process has inode 501 open: its socket closed before the fd walk.
     accepted = tcp_row(1, SERVER, CLIENT, ESTABLISHED, 501)
     tree.sample(tcp=[listener, accepted])
     tree.collector.flush()
@@ -244,3 +244,27 @@ def time_wait_count(data_dir) -> int:
         return run_query(data_dir, sql).column("n").to_pylist()[0]
     except NoDataError:
         return 0
+
+
+def test_restart_skips_connection_open_at_stop(tmp_path):
+    listener = socket.create_server(("127.0.0.1", 0))
+    first = Collector(Snapshotter(), ParquetStore(tmp_path), auto_compact=False)
+    client = socket.create_connection(listener.getsockname())
+    accepted, _ = listener.accept()
+    port = client.getsockname()[1]
+    first.sample()
+    assert first.flush()
+
+    # Closed while no collector runs: the client side stays in TIME_WAIT.
+    client.close()
+    accepted.close()
+    second = Collector(Snapshotter(), ParquetStore(tmp_path), auto_compact=False)
+    second.sample()
+    assert second.flush()
+    listener.close()
+
+    sql = (
+        "SELECT count(*) AS n FROM connections_records "
+        f"WHERE detected_by = 'time_wait' AND local_port = {port}"
+    )
+    assert run_query(tmp_path, sql).column("n").to_pylist() == [0]

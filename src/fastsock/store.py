@@ -176,24 +176,32 @@ class ParquetStore:
     def read_recent(
         self, table_name: str, columns: list[str], since: datetime, host: str
     ) -> pa.Table:
-        """Return columns of host's rows of table_name with last_seen at or after since.
+        """Return columns of host's rows of table_name stored since ``since``.
 
-        Reads only the hourly partitions from since's hour to the current one.
-        A file that cannot be read is skipped with a warning: these rows are a
-        hint, and the files themselves are left alone.
+        Reads the hourly partitions from since's hour to the current one: the
+        closed records (rows with ``closed`` true) with last_seen at or after
+        since, and every row of the newest file, the last checkpoint of what
+        was open. Older checkpoints repeat the open records at every flush,
+        so they are skipped. A file that cannot be read is skipped with a
+        warning: these rows are a hint, and the files are left alone.
         """
         schema = _schema_of(table_name)
         selected = pa.schema([schema.field(name) for name in columns])
-        parts = [selected.empty_table()]
+        paths = []
         hour = since.astimezone(timezone.utc).replace(minute=0, second=0, microsecond=0)
         now = datetime.now(timezone.utc)
         while hour <= now:
-            directory = (
-                self.data_dir / table_name / f"date={hour:%Y-%m-%d}/hour={hour:%H}"
+            partition = f"date={hour:%Y-%m-%d}/hour={hour:%H}"
+            paths.extend(
+                (self.data_dir / table_name / partition).glob(f"*{PART_SUFFIX}")
             )
-            for path in sorted(directory.glob(f"*{PART_SUFFIX}")):
-                parts.append(_recent_rows(path, selected, since, host))
             hour += timedelta(hours=1)
+        # Part names start with their UTC write time, so the newest sorts last.
+        paths.sort(key=lambda path: path.name)
+        parts = [selected.empty_table()]
+        for position, path in enumerate(paths):
+            closed_only = position < len(paths) - 1
+            parts.append(_recent_rows(path, selected, since, host, closed_only))
         return pa.concat_tables(parts)
 
     def remove_stale_temp_files(self) -> int:
@@ -283,14 +291,17 @@ def write_part(directory: Path, rows: pa.Table) -> Path:
 
 
 def _recent_rows(
-    path: Path, selected: pa.Schema, since: datetime, host: str
+    path: Path, selected: pa.Schema, since: datetime, host: str, closed_only: bool
 ) -> pa.Table:
-    """Return the selected columns of the rows of one file from host since since."""
+    """Return the selected columns of one file's rows of host since ``since``."""
+    filters = [("host", "=", host), ("last_seen", ">=", since)]
+    if closed_only:
+        filters.append(("closed", "=", True))
     try:
         rows = pq.read_table(
             path,
             columns=list(dict.fromkeys([*selected.names, "host", "last_seen"])),
-            filters=[("host", "=", host), ("last_seen", ">=", since)],
+            filters=filters,
         )
     except (pa.ArrowException, OSError) as error:
         logger.warning("skipping %s, which cannot be read: %s", path, error)

@@ -141,7 +141,8 @@ class ClosedConnectionDetector:
         take_pending() returned, for a drain in another thread than observe();
         by default the pending detections are taken here. Detections first
         seen at hold_from_us or later wait for the next drain (see
-        HOLD_SECONDS); None holds none back, for the last drain.
+        HOLD_SECONDS); with None, every detection is returned, as the last
+        drain needs.
         """
         if pending is None:
             pending = self.take_pending()
