@@ -1,5 +1,7 @@
 """The steady-state sample: known sockets skip attribution and row building."""
 
+import time
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -68,20 +70,31 @@ def test_steady_sample_resolves_new_inodes_only(peers, tmp_path):
 
     client = peers("client", "--connect", "127.0.0.1", str(server.info["port"]),
                    "--name", "fs-steady-c")
-    collector.sample()
+    client_port = client.info["ports"][0]
+    server_side = (server.info["port"], client_port)
+    # The server process accepts in its own time; until then its side of the
+    # connection has no socket of its own (inode 0).
+    for _ in range(100):
+        collector.sample()
+        by_port = open_comms(collector)
+        if server_side in by_port:
+            break
+        time.sleep(0.02)
     assert attributor.stats["inodes_requested"] > requested_before
 
-    _keys, rows = collector.sockets.open_rows()
-    by_port = {}
-    for row in rows.select(["local_port", "remote_port", "comm"]).to_pylist():
-        by_port[(row["local_port"], row["remote_port"])] = row["comm"]
-    client_port = client.info["ports"][0]
     assert by_port[(client_port, server.info["port"])] == "fs-steady-c"
-    assert by_port[(server.info["port"], client_port)] == "fs-steady-s"
+    assert by_port[server_side] == "fs-steady-s"
 
     holders = collector.processes.open_rows()[1].column("pid").to_pylist()
     assert server.pid in holders
     assert client.pid in holders
+
+
+def open_comms(collector: Collector) -> dict[tuple[int, int], str]:
+    """Return the comm of each open socket by (local port, remote port)."""
+    _keys, rows = collector.sockets.open_rows()
+    columns = rows.select(["local_port", "remote_port", "comm"]).to_pylist()
+    return {(row["local_port"], row["remote_port"]): row["comm"] for row in columns}
 
 
 def test_key_index_leaves_out_flagged_positions():
