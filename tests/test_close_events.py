@@ -591,20 +591,6 @@ for i in range(count):
 """
 
 
-@pytest.fixture
-def netns():
-    """A new network namespace with loopback up, deleted after the test."""
-    if shutil.which("ip") is None:
-        pytest.skip("needs iproute2's ip to create a network namespace")
-    name = f"fs-abort-{os.getpid()}-{time.monotonic_ns()}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
-
-
 @pytest.mark.parametrize("source", SOURCES)
 def test_meter_counts_aborted_connections(source, netns, tmp_path):
     in_netns = ["ip", "netns", "exec", netns]

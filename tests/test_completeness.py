@@ -1,6 +1,5 @@
 """The completeness meter: kernel TCP open counters against recorded connections."""
 
-import itertools
 import os
 import shutil
 import subprocess
@@ -63,7 +62,6 @@ needs_netns = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("ip") is None,
     reason="needs root and iproute2's ip to create a network namespace",
 )
-_names = itertools.count()
 
 # Opens COUNT loopback connections one after another, each living HOLD seconds,
 # after REFUSED connects to a port where nothing listens.
@@ -87,18 +85,6 @@ for _ in range(count):
     client.close()
     accepted.close()
 """
-
-
-@pytest.fixture
-def netns():
-    """A new network namespace with loopback up, deleted after the test."""
-    name = f"fs-meter-{os.getpid()}-{next(_names)}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 def collect_while_connecting(netns, data_dir, count, *options, refused=0) -> None:

@@ -145,20 +145,20 @@ def test_failed_background_write_keeps_rows(tmpfs):  # noqa: F811
 def test_take_rows_as_runs(indices):
     table = pa.table({"n": list(range(10)), "text": [str(n) for n in range(10)]})
 
-    taken = take_rows(table, np.array(indices, dtype=np.int64))
+    selected = take_rows(table, np.array(indices, dtype=np.int64))
 
-    assert taken.column("n").to_pylist() == indices
-    assert taken.column("text").to_pylist() == [str(n) for n in indices]
+    assert selected.column("n").to_pylist() == indices
+    assert selected.column("text").to_pylist() == [str(n) for n in indices]
 
 
 def test_take_rows_copies_many_runs():
     table = pa.table({"n": list(range(1000))})
     every_other = np.arange(0, 1000, 2)
 
-    taken = take_rows(table, every_other)
+    selected = take_rows(table, every_other)
 
-    assert taken.column("n").to_pylist() == every_other.tolist()
-    assert taken.column("n").num_chunks == 1
+    assert selected.column("n").to_pylist() == every_other.tolist()
+    assert selected.column("n").num_chunks == 1
 
 
 def test_restart_keeps_flows_and_time_wait(tmp_path):
@@ -228,10 +228,10 @@ def test_periodic_flush_holds_new_time_wait_rows(tmp_path):
     # The second periodic flush waits for the first to be written.
     tree.collector.flush_in_background()
     tree.collector.flush_in_background()
-    held = time_wait_count(tree.data)
+    before_last_flush = time_wait_count(tree.data)
     tree.collector.flush()
 
-    assert held == 0
+    assert before_last_flush == 0
     assert time_wait_count(tree.data) == 1
     assert tree.collector.status.flushes == 3
 

@@ -10,7 +10,6 @@ import pytest
 from fastsock.sockets import SkipLogger, TableReport, read_socket_tables
 
 from caseload import expected, expected_rows, proc_tree
-from netns_hosts import skip_reason
 
 CASES = ["C01", "C03", "C04", "C05", "C06", "C07", "C09"]
 
@@ -265,10 +264,10 @@ import json, socket
 from fastsock import _socktable
 
 server = socket.create_server(("127.0.0.1", 0))
-held = []
+sockets = []
 for _ in range(200):
-    held.append(socket.create_connection(server.getsockname()))
-    held.append(server.accept()[0])
+    sockets.append(socket.create_connection(server.getsockname()))
+    sockets.append(server.accept()[0])
 result = {}
 for name in ("tcp", "tcp6", "udp", "udp6"):
     full = _socktable.read_file(f"/proc/net/{name}")
@@ -279,23 +278,16 @@ print(json.dumps(result))
 """
 
 
-@pytest.mark.skipif(skip_reason() is not None, reason=str(skip_reason()))
-def test_early_stop_matches_full_read():
+def test_early_stop_matches_full_read(netns):
     """On the live kernel, the early-stop rule ends exactly where EOF is."""
-    namespace = f"fs-early-stop-{os.getpid()}"
-    subprocess.run(["ip", "netns", "add", namespace], check=True)
-    try:
-        subprocess.run(["ip", "-n", namespace, "link", "set", "lo", "up"], check=True)
-        command = [sys.executable, "-c", EARLY_STOP_PROGRAM]
-        run = subprocess.run(
-            ["ip", "netns", "exec", namespace, *command],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-        )
-    finally:
-        subprocess.run(["ip", "netns", "del", namespace], check=True)
+    command = [sys.executable, "-c", EARLY_STOP_PROGRAM]
+    run = subprocess.run(
+        ["ip", "netns", "exec", netns, *command],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
 
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout)

@@ -43,20 +43,16 @@ def replace_rows(
     values maps column names to arrays with one value per row. Only the
     named columns are copied.
     """
-    # Row i of a new column takes row picks[i] of (the old column, the values).
+    # Row i of a new column is row picks[i] of the old column followed by the values.
     picks = np.arange(table.num_rows)
     picks[rows] = table.num_rows + np.arange(len(rows))
     picks = pa.array(picks)
     for name, replacing in values.items():
         position = table.schema.get_field_index(name)
         field = table.schema.field(position)
-        merged = pa.concat_arrays(
-            [
-                table.column(position).combine_chunks(),
-                replacing.combine_chunks().cast(field.type)
-                if isinstance(replacing, pa.ChunkedArray)
-                else replacing.cast(field.type),
-            ]
-        )
+        if isinstance(replacing, pa.ChunkedArray):
+            replacing = replacing.combine_chunks()
+        old = table.column(position).combine_chunks()
+        merged = pa.concat_arrays([old, replacing.cast(field.type)])
         table = table.set_column(position, field, merged.take(picks))
     return table

@@ -88,7 +88,7 @@ class ClosedConnectionDetector:
         self._listed = np.empty(0, dtype=np.int64)
         self._pending: list[pa.Table] = []
         # Detections that the last drain held back for the next one.
-        self._held: pa.Table | None = None
+        self._deferred: pa.Table | None = None
         self._recently_live: pa.Table | None = None
         self._text_ids = TextIds()
 
@@ -122,9 +122,9 @@ class ClosedConnectionDetector:
     def take_pending(self) -> list[pa.Table]:
         """Hand over the detections found since the last call, and those held back."""
         pending, self._pending = self._pending, []
-        if self._held is not None:
-            pending.insert(0, self._held)
-            self._held = None
+        if self._deferred is not None:
+            pending.insert(0, self._deferred)
+            self._deferred = None
         return pending
 
     def drain(
@@ -159,7 +159,7 @@ class ClosedConnectionDetector:
         if hold_from_us is not None and detected.num_rows:
             young = detected.column("first_seen_us").to_numpy() >= hold_from_us
             if young.any():
-                self._held = detected.filter(pa.array(young))
+                self._deferred = detected.filter(pa.array(young))
                 detected = detected.filter(pa.array(~young))
         return detected
 
